@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install what the tests need on a fresh Debian machine (as root) and run the whole suite
+# under Xvfb. This is the README's test command and what .ci/run calls.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v xvfb-run >/dev/null 2>&1; then
+  apt-get update
+  apt-get install -y xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxcb-image0 \
+    libxcb-render-util0 libxcb-randr0 libxcb-shape0 libxcb-xfixes0 libxcb-xkb1 libxcb-cursor0 \
+    libgl1 libegl1 libxkbcommon-x11-0 libfontconfig1 libdbus-1-3
+fi
+python3 -m pip install -q torch==2.13.0
+python3 -m pip install -q -e ".[testing]"
+ruff check src tests benchmarks
+xvfb-run -a -s "-screen 0 1280x1024x24" python3 -m pytest -q -p no:cacheprovider "$@"

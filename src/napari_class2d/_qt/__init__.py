@@ -1,0 +1,1 @@
+"""napari widgets (the only part of the package that imports Qt / napari)."""

@@ -1,0 +1,1 @@
+"""Qt-free 2D classification engine (PyTorch)."""

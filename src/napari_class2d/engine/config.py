@@ -1,0 +1,361 @@
+"""The job configuration shared by the CLI, the Python API and the widgets.
+
+Parameter names and defaults follow cryoSPARC's 2D classification (see
+``docs/parameters.md``). Every field changes what the classifier computes;
+:meth:`Class2DConfig.validate` refuses invalid values before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+CTFMode = Literal["full", "flip", "off"]
+StreamMode = Literal["full", "incremental"]
+
+
+class ConfigError(ValueError):
+    """An invalid job parameter; the message names the parameter and the reason."""
+
+
+@dataclass(frozen=True)
+class Class2DConfig:
+    """All parameters of a 2D classification job (batch or streaming).
+
+    Attributes
+    ----------
+    n_classes
+        Number of 2D classes K.
+    max_res_A
+        Maximum resolution in Å: images are Fourier-cropped so their Nyquist
+        is this resolution, and class averages hold nothing finer.
+    max_align_res_A
+        Finest resolution in Å used for alignment and classification
+        (``None``: same as ``max_res_A``; finer than ``max_res_A`` is clamped
+        with a warning).
+    min_align_res_A
+        Coarsest resolution in Å used for alignment (``None``: off, all low
+        frequencies except the origin are used).
+    n_online_em_iterations
+        Number of online-EM iterations, each on a fresh mini-batch.
+    batch_size_per_class
+        Mini-batch size per class: each online iteration sees
+        ``batch_size_per_class * n_classes`` particles.
+    n_final_full_iterations
+        Full iterations over all particles after the online phase.
+    icuf
+        Initial classification uncertainty factor: the noise variance is
+        inflated by this factor at the start and annealed to 1.
+    annealing_start_iteration
+        Online iteration (0-based) at which annealing starts.
+    n_annealing_iterations
+        Number of online iterations over which the factor goes from ``icuf`` to 1.
+    white_noise
+        Use one noise variance for all frequencies instead of one per ring.
+    ctf_correction
+        ``"full"`` (CTF in the likelihood and a Wiener filter), ``"flip"``
+        (phase-flipping only: ``|CTF|`` weights, signs flipped) or ``"off"``
+        (negative stain / no CTF).
+    clamp_solvent
+        Solve class averages under the constraint that density outside the
+        mask is zero, instead of masking the plain Wiener average.
+    particle_diameter_A
+        Particle diameter in Å (``None``: 80 % of the box); sets the
+        background for normalisation, the default mask and the angular step.
+    mask_inner_diameter_A, mask_outer_diameter_A
+        Soft circular mask applied to the class averages, in Å
+        (``None``: inner = particle diameter, outer = inner + 20 %).
+    recenter
+        Re-centre class averages on their centre of mass every iteration.
+    recenter_threshold
+        Only pixels above ``threshold * max`` count for the centre of mass.
+    recenter_binary
+        Use the binary mask above threshold (not the density) as weights.
+    force_max_over_poses
+        Class log-likelihood at the best pose (on) or marginalised over poses (off).
+    inplane_step_deg
+        In-plane rotation step in degrees for the fine search (``None``: about
+        one pixel of arc at the particle radius at the working box).
+    max_shift_A
+        Maximum shift searched in Å (``None``: 10 % of the box).
+    reseed_empty_classes
+        Re-seed classes that empty out during the online phase.
+    hard_classification_last
+        One-hot class assignments in the last iteration.
+    regularisation_factor
+        RELION's T: weight of the data against the class's own signal prior.
+    seed
+        Random seed; the same seed and inputs give the same classes.
+    device
+        ``"auto"`` (first CUDA device if present, else CPU), ``"cpu"`` or ``"cuda:N"``.
+    memory_budget_GB
+        Memory the E-step may use at once, in GiB; chunks are sized to fit.
+    start_after_n_particles
+        Streaming: particles needed before the first iteration
+        (``None``: one mini-batch, ``batch_size_per_class * n_classes``).
+    full_iteration_every_n_new
+        Streaming: new particles that trigger a full iteration after the online
+        phase (``None``: ``batch_size_per_class * n_classes * 2``).
+    stream_mode
+        Streaming after the online phase: ``"full"`` (a full iteration over all
+        particles seen) or ``"incremental"`` (E-step on the new particles only,
+        a full pass every ``full_pass_every_n_updates`` updates).
+    full_pass_every_n_updates
+        Streaming, incremental mode: a full pass after this many incremental updates.
+    """
+
+    n_classes: int = 50
+    max_res_A: float = 6.0
+    max_align_res_A: float | None = None
+    min_align_res_A: float | None = None
+    n_online_em_iterations: int = 20
+    batch_size_per_class: int = 100
+    n_final_full_iterations: int = 1
+    icuf: float = 2.0
+    annealing_start_iteration: int = 2
+    n_annealing_iterations: int = 15
+    white_noise: bool = False
+    ctf_correction: CTFMode = "full"
+    clamp_solvent: bool = False
+    particle_diameter_A: float | None = None
+    mask_inner_diameter_A: float | None = None
+    mask_outer_diameter_A: float | None = None
+    recenter: bool = True
+    recenter_threshold: float = 0.2
+    recenter_binary: bool = False
+    force_max_over_poses: bool = True
+    inplane_step_deg: float | None = None
+    max_shift_A: float | None = None
+    reseed_empty_classes: bool = True
+    hard_classification_last: bool = False
+    regularisation_factor: float = 2.0
+    seed: int = 0
+    device: str = "auto"
+    memory_budget_GB: float = 2.0
+    start_after_n_particles: int | None = None
+    full_iteration_every_n_new: int | None = None
+    stream_mode: StreamMode = "full"
+    full_pass_every_n_updates: int = 5
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    # -- derived values -------------------------------------------------------------
+    @property
+    def online_batch_size(self) -> int:
+        """Particles per online-EM iteration (``batch_size_per_class * n_classes``)."""
+        return self.batch_size_per_class * self.n_classes
+
+    @property
+    def warmup_particles(self) -> int:
+        """Streaming: particles needed before the first iteration."""
+        return self.start_after_n_particles or self.online_batch_size
+
+    @property
+    def full_iteration_trigger(self) -> int:
+        """Streaming: new particles that trigger a full iteration."""
+        return self.full_iteration_every_n_new or 2 * self.online_batch_size
+
+    def annealing_factor(self, online_progress: float) -> float:
+        """Noise inflation factor after ``online_progress`` online iterations.
+
+        ``online_progress`` may be fractional (streaming advances it with the
+        number of distinct particles seen). The factor is ``icuf`` until
+        ``annealing_start_iteration``, then falls linearly to 1 over
+        ``n_annealing_iterations``, and stays 1 afterwards.
+        """
+        start, n = self.annealing_start_iteration, self.n_annealing_iterations
+        if online_progress <= start:
+            return float(self.icuf)
+        if n <= 0 or online_progress >= start + n:
+            return 1.0
+        frac = (online_progress - start) / n
+        return float(self.icuf + (1.0 - self.icuf) * frac)
+
+    def replace(self, **changes) -> Class2DConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Class2DConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    # -- validation -----------------------------------------------------------------
+    def validate(self) -> Class2DConfig:
+        """Check every value that can be checked without data; return self.
+
+        Raises
+        ------
+        ConfigError
+            Naming the parameter and why its value is refused.
+        """
+
+        def need(cond: bool, name: str, why: str) -> None:
+            if not cond:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        def positive_or_none(name: str) -> None:
+            v = getattr(self, name)
+            need(v is None or (math.isfinite(v) and v > 0), name, "must be > 0 (or unset)")
+
+        need(isinstance(self.n_classes, int) and self.n_classes >= 1, "n_classes", "must be >= 1")
+        need(math.isfinite(self.max_res_A) and self.max_res_A > 0, "max_res_A", "must be > 0 Å")
+        for name in (
+            "max_align_res_A",
+            "min_align_res_A",
+            "particle_diameter_A",
+            "mask_inner_diameter_A",
+            "mask_outer_diameter_A",
+            "inplane_step_deg",
+        ):
+            positive_or_none(name)
+        need(
+            self.max_shift_A is None or self.max_shift_A >= 0, "max_shift_A", "must be >= 0 Å"
+        )
+        if self.min_align_res_A is not None:
+            finest = self.max_align_res_A or self.max_res_A
+            need(
+                self.min_align_res_A > max(finest, self.max_res_A),
+                "min_align_res_A",
+                f"must be coarser (larger, in Å) than the maximum alignment resolution {finest} Å",
+            )
+        need(self.n_online_em_iterations >= 0, "n_online_em_iterations", "must be >= 0")
+        need(self.batch_size_per_class >= 1, "batch_size_per_class", "must be >= 1")
+        need(self.n_final_full_iterations >= 0, "n_final_full_iterations", "must be >= 0")
+        need(
+            self.n_online_em_iterations + self.n_final_full_iterations >= 1,
+            "n_final_full_iterations",
+            "the job needs at least one iteration (online or full)",
+        )
+        need(math.isfinite(self.icuf) and self.icuf >= 1, "icuf", "must be >= 1")
+        need(self.annealing_start_iteration >= 0, "annealing_start_iteration", "must be >= 0")
+        need(self.n_annealing_iterations >= 0, "n_annealing_iterations", "must be >= 0")
+        need(
+            self.ctf_correction in ("full", "flip", "off"),
+            "ctf_correction",
+            "must be 'full', 'flip' or 'off'",
+        )
+        if self.mask_inner_diameter_A is not None and self.mask_outer_diameter_A is not None:
+            need(
+                self.mask_outer_diameter_A >= self.mask_inner_diameter_A,
+                "mask_outer_diameter_A",
+                "must be >= the inner diameter",
+            )
+        need(0 < self.recenter_threshold < 1, "recenter_threshold", "must be in (0, 1)")
+        need(self.regularisation_factor > 0, "regularisation_factor", "must be > 0")
+        need(isinstance(self.seed, int), "seed", "must be an integer")
+        need(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            "must be 'auto', 'cpu' or 'cuda[:N]'",
+        )
+        need(self.memory_budget_GB > 0, "memory_budget_GB", "must be > 0 GiB")
+        need(
+            self.start_after_n_particles is None or self.start_after_n_particles >= 1,
+            "start_after_n_particles",
+            "must be >= 1 (or unset)",
+        )
+        need(
+            self.full_iteration_every_n_new is None or self.full_iteration_every_n_new >= 1,
+            "full_iteration_every_n_new",
+            "must be >= 1 (or unset)",
+        )
+        need(
+            self.stream_mode in ("full", "incremental"),
+            "stream_mode",
+            "must be 'full' or 'incremental'",
+        )
+        need(self.full_pass_every_n_updates >= 1, "full_pass_every_n_updates", "must be >= 1")
+        return self
+
+    def resolve(self, box: int, pixel_size_A: float) -> ResolvedParams:
+        """Data-dependent values for particles of ``box`` pixels of ``pixel_size_A`` Å.
+
+        Raises
+        ------
+        ConfigError
+            When a value cannot be honoured for this data (e.g. a mask larger
+            than the box, a maximum resolution finer than Nyquist).
+        """
+        self.validate()
+        nyquist = 2.0 * pixel_size_A
+        if self.max_res_A < nyquist - 1e-6:
+            raise ConfigError(
+                f"max_res_A={self.max_res_A}: finer than the data's Nyquist limit "
+                f"{nyquist:.2f} Å (pixel {pixel_size_A:.3f} Å)"
+            )
+        box_A = box * pixel_size_A
+        working_box = min(box, 2 * math.ceil(box * pixel_size_A / self.max_res_A))
+        working_box = max(working_box, 16) if box >= 16 else box
+        working_pixel = box_A / working_box
+        max_align = self.max_align_res_A or self.max_res_A
+        if max_align < self.max_res_A:
+            warnings.warn(
+                f"max_align_res_A={max_align} Å is finer than max_res_A={self.max_res_A} Å; "
+                f"clamped to {self.max_res_A} Å",
+                stacklevel=2,
+            )
+            max_align = self.max_res_A
+        if self.min_align_res_A is not None and self.min_align_res_A >= box_A:
+            raise ConfigError(
+                f"min_align_res_A={self.min_align_res_A}: must be finer than the box ({box_A:.0f} Å)"
+            )
+        diameter = self.particle_diameter_A or 0.8 * box_A
+        if diameter > box_A:
+            raise ConfigError(
+                f"particle_diameter_A={diameter}: larger than the box ({box_A:.0f} Å)"
+            )
+        inner = self.mask_inner_diameter_A or diameter
+        outer = self.mask_outer_diameter_A or min(1.2 * inner, box_A)
+        if inner > box_A:
+            raise ConfigError(
+                f"mask_inner_diameter_A={inner}: larger than the box ({box_A:.0f} Å)"
+            )
+        if outer < inner:
+            raise ConfigError(
+                f"mask_outer_diameter_A={outer}: smaller than the inner diameter {inner} Å"
+            )
+        radius_px = 0.5 * diameter / working_pixel
+        step = self.inplane_step_deg or float(
+            min(max(math.degrees(1.0 / max(radius_px, 1.0)), 1.0), 15.0)
+        )
+        max_shift = self.max_shift_A if self.max_shift_A is not None else 0.1 * box_A
+        return ResolvedParams(
+            box=box,
+            pixel_size_A=pixel_size_A,
+            working_box=working_box,
+            working_pixel_size_A=working_pixel,
+            max_align_res_A=max_align,
+            min_align_res_A=self.min_align_res_A,
+            particle_diameter_A=diameter,
+            mask_inner_diameter_A=inner,
+            mask_outer_diameter_A=outer,
+            inplane_step_deg=step,
+            max_shift_A=max_shift,
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedParams:
+    """Values of a :class:`Class2DConfig` resolved for one data set (Å, pixels, degrees)."""
+
+    box: int
+    pixel_size_A: float
+    working_box: int
+    working_pixel_size_A: float
+    max_align_res_A: float
+    min_align_res_A: float | None
+    particle_diameter_A: float
+    mask_inner_diameter_A: float
+    mask_outer_diameter_A: float
+    inplane_step_deg: float
+    max_shift_A: float

@@ -1,0 +1,1 @@
+"""Qt-free particle I/O: RELION STAR, cryoSPARC .cs, memory-mapped .mrcs."""

@@ -1,0 +1,1 @@
+"""Ground-truth particle simulation and classification scoring."""

@@ -1,0 +1,1 @@
+"""Streaming 2D classification: watch a folder or a growing STAR file."""
