@@ -7,6 +7,7 @@ by stack file so each file is touched once per request.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,9 @@ class ImageSource:
         For each particle, its 0-based index inside that stack.
     """
 
+    #: most stacks kept memory-mapped at once (each map holds a file descriptor)
+    max_open_stacks: int = 256
+
     def __init__(
         self,
         stacks: Sequence[str | Path | np.ndarray],
@@ -81,7 +85,8 @@ class ImageSource:
         self.stacks = list(stacks)
         self.stack_index = np.asarray(stack_index, dtype=np.int64)
         self.image_index = np.asarray(image_index, dtype=np.int64)
-        self._mmaps: dict[int, np.ndarray] = {}
+        # Shared between an ImageSource and the subsets taken from it.
+        self._mmaps: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.stack_index)
@@ -92,20 +97,39 @@ class ImageSource:
         n = len(images)
         return cls([images], np.zeros(n, dtype=np.int64), np.arange(n))
 
-    def _stack(self, s: int) -> np.ndarray:
-        if s not in self._mmaps:
-            entry = self.stacks[s]
-            if isinstance(entry, np.ndarray):
-                data = entry if entry.ndim == 3 else entry[None]
-            else:
-                from napari_class2d.io.mrc import open_stack  # lazy: avoids import cycle
+    def stack_path(self, s: int) -> Path | None:
+        """The file of stack ``s`` (``None`` for an in-memory array)."""
+        entry = self.stacks[s]
+        return None if isinstance(entry, np.ndarray) else Path(entry)
 
-                data = open_stack(entry)
-            self._mmaps[s] = data
-        return self._mmaps[s]
+    def _stack(self, s: int) -> np.ndarray:
+        cache = self._mmaps
+        if s in cache:
+            cache.move_to_end(s)
+            return cache[s]
+        entry = self.stacks[s]
+        if isinstance(entry, np.ndarray):
+            data = entry if entry.ndim == 3 else entry[None]
+        else:
+            from napari_class2d.io.mrc import open_stack  # lazy: avoids import cycle
+
+            data = open_stack(entry)
+        cache[s] = data
+        while len(cache) > self.max_open_stacks:
+            cache.popitem(last=False)  # drop the least recently used map
+        return data
 
     def read(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
-        """Images at ``indices`` (particle order kept) as float32 ``(n, box, box)``."""
+        """Images at ``indices`` (particle order kept) as float32 ``(n, box, box)``.
+
+        Raises
+        ------
+        ParticleFileError
+            An image lies beyond the end of its stack, or holds NaN/inf pixels
+            (the error names the stack file and the 0-based image index).
+        """
+        from napari_class2d.io.mrc import first_nonfinite
+
         indices = np.asarray(indices, dtype=np.int64)
         out = None
         stack_ids = self.stack_index[indices]
@@ -114,7 +138,21 @@ class ImageSource:
             data = self._stack(int(s))
             idx = self.image_index[indices[where]]
             order = np.argsort(idx, kind="stable")  # sequential reads through the mmap
-            block = np.asarray(data[idx[order]], dtype=np.float32)
+            idx_sorted = idx[order]
+            if len(idx_sorted) and idx_sorted[-1] >= len(data):
+                raise ParticleFileError(
+                    self.stack_path(int(s)),
+                    f"image index {int(idx_sorted[-1])} (0-based) is beyond the end of "
+                    f"the stack, which holds {len(data)} images",
+                )
+            block = np.asarray(data[idx_sorted], dtype=np.float32)
+            bad = first_nonfinite(block)
+            if bad is not None:
+                raise ParticleFileError(
+                    self.stack_path(int(s)),
+                    f"image {int(idx_sorted[bad])} (0-based; RELION "
+                    f"{int(idx_sorted[bad]) + 1:06d}@) contains NaN or infinite pixel values",
+                )
             if out is None:
                 out = np.empty((len(indices),) + block.shape[1:], dtype=np.float32)
             out[where[order]] = block
@@ -127,6 +165,31 @@ class ImageSource:
         new = ImageSource(self.stacks, self.stack_index[indices], self.image_index[indices])
         new._mmaps = self._mmaps
         return new
+
+    @classmethod
+    def concat(cls, sources: Sequence[ImageSource]) -> ImageSource:
+        """One source over all particles of ``sources`` (in order).
+
+        Stacks named by the same file (or the very same array) are merged.
+        """
+        stacks: list[str | Path | np.ndarray] = []
+        key_to_id: dict[object, int] = {}
+        stack_index = []
+        for src in sources:
+            remap = np.empty(len(src.stacks), dtype=np.int64)
+            for i, entry in enumerate(src.stacks):
+                key = ("array", id(entry)) if isinstance(entry, np.ndarray) else str(entry)
+                if key not in key_to_id:
+                    key_to_id[key] = len(stacks)
+                    stacks.append(entry)
+                remap[i] = key_to_id[key]
+            stack_index.append(remap[src.stack_index] if len(src) else src.stack_index)
+        empty = np.zeros(0, dtype=np.int64)
+        return cls(
+            stacks,
+            np.concatenate(stack_index) if stack_index else empty,
+            np.concatenate([s.image_index for s in sources]) if sources else empty,
+        )
 
 
 class ParticleSet:
@@ -256,6 +319,76 @@ class ParticleSet:
             self.optics_group[indices],
             self.source_path,
             self.source_format,
+        )
+
+    @classmethod
+    def concat(cls, sets: Sequence[ParticleSet]) -> ParticleSet:
+        """All particles of ``sets``, in order, as one set.
+
+        Metadata tables are stacked (the union of their columns; missing cells
+        are NaN), images keep pointing at their stacks, CTF parameters and
+        pixel sizes are concatenated. Optics tables are merged: a group keeps
+        its number unless another set already uses that number for different
+        optics, in which case it gets the next free number (in ``optics``,
+        ``optics_group`` and the metadata's ``rlnOpticsGroup``). When only some
+        sets have an optics table, one is built for the others from their
+        pixel size, voltage, Cs and amplitude contrast.
+
+        Raises
+        ------
+        ValueError
+            No sets, different box sizes, or some sets with CTF and some without.
+        """
+        from napari_class2d.io.optics import merge_optics, optics_table_for
+
+        sets = list(sets)
+        if not sets:
+            raise ValueError("ParticleSet.concat needs at least one particle set")
+        if len(sets) == 1:
+            return sets[0]
+        boxes = {s.box for s in sets if s.n_particles}
+        if len(boxes) > 1:
+            detail = ", ".join(f"{s.source_path or '<memory>'}: {s.box} px" for s in sets)
+            raise ValueError(f"cannot concatenate particle sets of different box sizes ({detail})")
+        box = boxes.pop() if boxes else sets[0].box
+        with_ctf = [s.has_ctf for s in sets]
+        if any(with_ctf) and not all(with_ctf):
+            detail = ", ".join(
+                f"{s.source_path or '<memory>'}: {'CTF' if s.has_ctf else 'no CTF'}" for s in sets
+            )
+            raise ValueError(f"cannot concatenate sets with and without CTF ({detail})")
+
+        metadata = [s.metadata for s in sets]
+        if any(s.optics is not None for s in sets):
+            built = [optics_table_for(s) for s in sets]
+            optics, groups, maps = merge_optics([t for t, _ in built], [g for _, g in built])
+        else:
+            # No optics tables: compare groups by their pixel size and CTF optics.
+            tables, group_arrays = [], []
+            for s in sets:
+                table, g = optics_table_for(s)
+                tables.append(table)
+                group_arrays.append(g)
+            _, groups, maps = merge_optics(tables, group_arrays)
+            optics = None
+        for i, (s, mapping) in enumerate(zip(sets, maps, strict=True)):
+            if "rlnOpticsGroup" in s.metadata.columns and (
+                mapping or not np.array_equal(groups[i], s.optics_group)
+            ):
+                metadata[i] = s.metadata.copy()
+                metadata[i]["rlnOpticsGroup"] = groups[i]
+        paths = {str(s.source_path) for s in sets}
+        formats = {s.source_format for s in sets}
+        return cls(
+            pd.concat(metadata, ignore_index=True, sort=False),
+            ImageSource.concat([s.images for s in sets]),
+            np.concatenate([s.pixel_size_A for s in sets]),
+            box,
+            CTFParams.concat([s.ctf for s in sets]) if all(with_ctf) else None,
+            optics,
+            np.concatenate(groups),
+            sets[0].source_path if len(paths) == 1 else None,
+            formats.pop() if len(formats) == 1 else "mixed",
         )
 
     def __repr__(self) -> str:
