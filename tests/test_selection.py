@@ -1,0 +1,150 @@
+"""Class selection without Qt: loading results, choosing classes, exporting subsets."""
+
+from __future__ import annotations
+
+import argparse
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+from _selection_data import make_result
+
+from napari_class2d.cli import select as select_cli
+from napari_class2d.io.errors import ParticleFileError
+from napari_class2d.selection import (
+    classes_by_threshold,
+    export_selection,
+    find_result_files,
+    load_result,
+    sort_classes,
+)
+
+
+def test_load_result_counts_resolution_eca(tmp_path):
+    truth = make_result(tmp_path, n_particles=80, n_classes=6)
+    res = load_result(tmp_path)
+    assert res.n_classes == 6 and res.n_particles == 80
+    np.testing.assert_array_equal(res.class_counts, np.bincount(truth["classes"] - 1))
+    np.testing.assert_allclose(res.class_resolution_A, truth["resolution"])
+    np.testing.assert_allclose(res.class_eca, np.linspace(1, 3, 6))
+    np.testing.assert_allclose(res.class_averages, truth["averages"])
+    assert res.pixel_size_A == pytest.approx(2.0)
+    assert list(res.particles.columns) == list(truth["particles"].columns)
+
+
+def test_relion_folder_takes_last_iteration(tmp_path):
+    make_result(tmp_path, prefix="run_it005", n_classes=3, seed=1)
+    make_result(tmp_path, prefix="run_it025", n_classes=4, seed=2)
+    make_result(tmp_path, prefix="run_it010", n_classes=5, seed=3)
+    data, model, classes, it = find_result_files(tmp_path)
+    assert data.name == "run_it025_data.star" and it == 25
+    assert model.name == "run_it025_model.star" and classes.name == "run_it025_classes.mrcs"
+    assert load_result(tmp_path).n_classes == 4
+    # the model file names the same result
+    assert load_result(tmp_path / "run_it010_model.star").n_classes == 5
+
+
+def test_relion30_result_without_model_or_eca(tmp_path):
+    truth = make_result(tmp_path, relion_30=True, eca=False)
+    (tmp_path / "run_model.star").unlink()
+    res = load_result(tmp_path / "run_data.star")
+    assert res.optics is None
+    assert np.isnan(res.class_eca).all() and np.isinf(res.class_resolution_A).all()
+    assert res.n_classes == len(truth["averages"])  # from the class-average stack
+
+
+def test_not_a_result_is_refused_with_reason(tmp_path):
+    starfile.write(pd.DataFrame({"rlnImageName": ["1@a.mrcs"]}), tmp_path / "p.star")
+    with pytest.raises(ParticleFileError, match="rlnClassNumber"):
+        load_result(tmp_path / "p.star")
+    with pytest.raises(FileNotFoundError, match="missing.star: result particle file not found"):
+        load_result(tmp_path / "missing.star")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(FileNotFoundError, match="no run_data.star"):
+        load_result(tmp_path / "d")
+
+
+def test_bad_class_number_names_row(tmp_path):
+    make_result(tmp_path, n_classes=3)
+    data = starfile.read(tmp_path / "run_data.star")
+    data["particles"].loc[7, "rlnClassNumber"] = 9
+    starfile.write(data, tmp_path / "run_data.star", overwrite=True)
+    with pytest.raises(ParticleFileError, match="row 7.*class 9 but the result has 3"):
+        load_result(tmp_path)
+
+
+def test_export_keeps_exactly_the_kept_classes(tmp_path):
+    truth = make_result(tmp_path / "res", n_particles=70, n_classes=5)
+    out = tmp_path / "subset.star"
+    n = export_selection(
+        tmp_path / "res",
+        [1, 2],
+        out,
+        rejected_out=tmp_path / "rej.star",
+        classes_out=tmp_path / "kept.mrcs",
+    )
+    expected = truth["particles"][np.isin(truth["classes"], [1, 2])].reset_index(drop=True)
+    assert n == len(expected)
+    back = starfile.read(out)
+    pd.testing.assert_frame_equal(back["particles"], expected, check_dtype=False)
+    # only optics group 1 is used by classes 1-2
+    assert back["optics"]["rlnOpticsGroup"].tolist() == [1]
+    assert list(back["optics"].columns) == list(truth["optics"].columns)
+    rej = starfile.read(tmp_path / "rej.star")
+    assert len(rej["particles"]) == 70 - n
+    assert set(rej["particles"]["rlnClassNumber"]) == {3, 4, 5}
+    with mrcfile.open(tmp_path / "kept.mrcs") as mrc:
+        np.testing.assert_allclose(mrc.data, truth["averages"][[0, 1]])
+        assert mrc.voxel_size.x == pytest.approx(2.0)
+
+
+def test_export_never_overwrites_unless_asked(tmp_path):
+    make_result(tmp_path / "res")
+    out = tmp_path / "subset.star"
+    out.write_text("precious")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_selection(tmp_path / "res", [1], out)
+    assert out.read_text() == "precious"
+    export_selection(tmp_path / "res", [1], out, overwrite=True)
+    assert "rlnClassNumber" in out.read_text()
+    with pytest.raises(ValueError, match="out of range"):
+        export_selection(tmp_path / "res", [0, 6], tmp_path / "x.star")
+    assert not (tmp_path / "x.star").exists()
+
+
+def test_threshold_and_sorting(tmp_path):
+    make_result(tmp_path, n_classes=5)
+    res = load_result(tmp_path)
+    # resolutions 8, 11, 14, 17, 20 Å; ECA 1, 1.5, 2, 2.5, 3
+    assert classes_by_threshold(res, "resolution", 14.0, "below").tolist() == [1, 2, 3]
+    assert classes_by_threshold(res, "eca", 2.5, "above").tolist() == [4, 5]
+    big = classes_by_threshold(res, "count", res.class_counts.max(), "above")
+    assert (res.class_counts[big - 1] == res.class_counts.max()).all()
+    order = sort_classes(res, "count")
+    assert (np.diff(res.class_counts[order - 1]) <= 0).all()
+    assert sort_classes(res, "resolution").tolist() == [1, 2, 3, 4, 5]
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser()
+    select_cli.add_args(parser)
+    return select_cli.main(parser.parse_args(argv))
+
+
+def test_select_command(tmp_path, capsys):
+    truth = make_result(tmp_path / "res", n_particles=50, n_classes=4)
+    out = tmp_path / "subset.star"
+    rc = _cli([str(tmp_path / "res"), "--keep", "2,4", "--out", str(out)])
+    n_expected = int(np.isin(truth["classes"], [2, 4]).sum())
+    assert rc == 0
+    assert f"wrote {n_expected} particles" in capsys.readouterr().out
+    assert set(starfile.read(out)["particles"]["rlnClassNumber"]) == {2, 4}
+    # refuses to overwrite, says why, exit code 2
+    rc = _cli([str(tmp_path / "res"), "--keep", "1", "--out", str(out)])
+    assert rc == 2 and "overwrite" in capsys.readouterr().err
+    rc = _cli([str(tmp_path / "res"), "--keep", "1", "--out", str(out), "--overwrite"])
+    assert rc == 0
+    with pytest.raises(SystemExit):
+        _cli([str(tmp_path / "res"), "--keep", "a,b", "--out", str(out)])
