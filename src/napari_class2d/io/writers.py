@@ -1,0 +1,383 @@
+"""Write particles, class averages and models as RELION files, atomically.
+
+Every writer builds the file under a temporary name in the destination folder
+and moves it into place with :func:`os.replace`, so a reader never sees a half
+written file, and refuses to replace an existing file unless
+``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import starfile
+
+from napari_class2d.io.optics import OPTICS_CTF_COLUMNS, optics_table_for
+from napari_class2d.io.particles import ParticleSet
+
+#: CTFParams field -> RELION particle column
+CTF_PARTICLE_COLUMNS = {
+    "defocus_u_A": "rlnDefocusU",
+    "defocus_v_A": "rlnDefocusV",
+    "astigmatism_angle_deg": "rlnDefocusAngle",
+    "phase_shift_deg": "rlnPhaseShift",
+    "bfactor_A2": "rlnCtfBfactor",
+}
+#: per-particle columns of RELION <= 3.0 that RELION 3.1 keeps in the optics table
+_LEGACY_OPTICS_COLUMNS = (
+    "rlnImagePixelSize",
+    "rlnMagnification",
+    "rlnDetectorPixelSize",
+    *OPTICS_CTF_COLUMNS,
+)
+#: RELION's value for "no resolution estimate"
+RELION_NO_RESOLUTION = 999.0
+#: floats in STAR files: 12 significant digits (round-trips what RELION writes)
+STAR_FLOAT_FORMAT = "%.12g"
+
+
+def atomic_write(
+    path: str | Path, writer_fn: Callable[[Path], object], overwrite: bool = False
+) -> Path:
+    """Write ``path`` through a temporary file in the same folder.
+
+    Parameters
+    ----------
+    path
+        Destination file; its folder must exist.
+    writer_fn
+        Called with the temporary path; must write the complete file there.
+    overwrite
+        Replace an existing ``path``. Without it an existing file is never
+        touched, even if it appears while ``writer_fn`` runs.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` exists and ``overwrite`` is false (names the path).
+    FileNotFoundError
+        The destination folder does not exist.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not overwrite and path.exists():
+        raise FileExistsError(
+            17, f"{path} exists; pass overwrite=True (--overwrite) to replace it", str(path)
+        )
+    if not folder.is_dir():
+        raise FileNotFoundError(2, f"output folder {folder} does not exist", str(folder))
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer_fn(tmp)
+        with open(tmp, "rb+") as fh:  # durable before it becomes visible
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic "create only if absent"
+            except FileExistsError:
+                raise FileExistsError(
+                    17,
+                    f"{path} exists; pass overwrite=True (--overwrite) to replace it",
+                    str(path),
+                ) from None
+            except OSError:  # no hard links on this file system
+                if path.exists():
+                    raise FileExistsError(
+                        17,
+                        f"{path} exists; pass overwrite=True (--overwrite) to replace it",
+                        str(path),
+                    ) from None
+                os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _relative_or_absolute(target: Path, folder: Path) -> str:
+    """``target`` relative to ``folder`` when they share more than the root."""
+    target, folder = Path(os.path.abspath(target)), Path(os.path.abspath(folder))
+    try:
+        common = os.path.commonpath([target, folder])
+    except ValueError:  # different drives
+        return str(target)
+    if common == os.path.sep or common == target.anchor:
+        return str(target)
+    return os.path.relpath(target, folder)
+
+
+def image_names_for(particles: ParticleSet, star_folder: Path) -> np.ndarray:
+    """``NNNNNN@stack`` names with stack paths relative to ``star_folder``.
+
+    Particles in in-memory stacks keep their ``rlnImageName`` (or get
+    ``NNNNNN@memory``).
+    """
+    src = particles.images
+    relative = []
+    for s in range(len(src.stacks)):
+        p = src.stack_path(s)
+        relative.append("" if p is None else _relative_or_absolute(p, star_folder))
+    relative = np.asarray(relative, dtype=object)
+    numbers = pd.Series(src.image_index + 1).astype(str).str.zfill(6)
+    names = (numbers + "@" + pd.Series(relative[src.stack_index], dtype=object)).to_numpy(
+        dtype=object
+    )
+    in_memory = np.array([src.stack_path(s) is None for s in range(len(src.stacks))], bool)
+    if in_memory.any():
+        mask = in_memory[src.stack_index]
+        if "rlnImageName" in particles.metadata.columns:
+            names[mask] = particles.metadata["rlnImageName"].to_numpy(dtype=object)[mask]
+        else:
+            names[mask] = (numbers[mask] + "@memory").to_numpy(dtype=object)
+    return names
+
+
+def _extra_frame(extra, n_written: int, rows: np.ndarray | None, n_total: int) -> pd.DataFrame:
+    if extra is None:
+        return pd.DataFrame(index=range(n_written))
+    frame = pd.DataFrame(extra)
+    if len(frame) == n_written:
+        return frame.reset_index(drop=True)
+    if rows is not None and len(frame) == n_total:
+        return frame.iloc[rows].reset_index(drop=True)
+    raise ValueError(
+        f"extra_columns has {len(frame)} rows; expected {n_written} (one per written "
+        f"particle)" + (f" or {n_total} (one per input particle)" if rows is not None else "")
+    )
+
+
+def particle_star_blocks(
+    path: str | Path,
+    particles: ParticleSet,
+    rows: Sequence[int] | np.ndarray | None = None,
+    extra_columns: pd.DataFrame | dict | None = None,
+) -> dict[str, pd.DataFrame]:
+    """The ``optics`` and ``particles`` blocks :func:`write_particle_star` writes."""
+    path = Path(path)
+    n_total = particles.n_particles
+    rows_arr = None if rows is None else np.asarray(rows, dtype=np.int64)
+    ps = particles if rows_arr is None else particles.subset(rows_arr)
+    extra = _extra_frame(extra_columns, ps.n_particles, rows_arr, n_total)
+    optics, groups = optics_table_for(ps)
+
+    meta = ps.metadata
+    keep = [c for c in meta.columns if str(c).startswith("rln")]  # drops cryoSPARC fields
+    table = meta[keep].copy()
+    if ps.optics is None:
+        # RELION <= 3.0 style input: origins to Å, optics values into the optics table.
+        for axis in ("X", "Y"):
+            old, new = f"rlnOrigin{axis}", f"rlnOrigin{axis}Angst"
+            if old in table.columns:
+                if new not in table.columns:
+                    pos = table.columns.get_loc(old)
+                    values = pd.to_numeric(table[old], errors="coerce") * ps.pixel_size_A
+                    table.insert(pos, new, values.to_numpy())
+                table = table.drop(columns=old)
+        drop = [c for c in _LEGACY_OPTICS_COLUMNS if c in table.columns]
+        if ps.ctf is None:
+            drop = [c for c in drop if c not in OPTICS_CTF_COLUMNS]
+        table = table.drop(columns=drop)
+    table["rlnImageName"] = image_names_for(ps, path.parent)
+    table["rlnOpticsGroup"] = groups
+    if ps.ctf is not None:
+        for field, column in CTF_PARTICLE_COLUMNS.items():
+            table[column] = np.asarray(getattr(ps.ctf, field), dtype=np.float64)
+    for column in extra.columns:
+        table[column] = extra[column].to_numpy()
+    return {"optics": optics, "particles": table.reset_index(drop=True)}
+
+
+def write_particle_star(
+    path: str | Path,
+    particles: ParticleSet,
+    rows: Sequence[int] | np.ndarray | None = None,
+    extra_columns: pd.DataFrame | dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write particles as a RELION 3.1 STAR file (``data_optics`` + ``data_particles``).
+
+    Parameters
+    ----------
+    path
+        Output ``.star`` file.
+    particles
+        Any particle set (RELION 1.x-5, cryoSPARC, bare stack, in memory).
+    rows
+        Indices of the particles to write (default: all), in the order given.
+    extra_columns
+        Columns to add, one value per written particle (or per input particle
+        when ``rows`` is given); a column of the same name is replaced (e.g.
+        ``rlnClassNumber``, ``rlnAnglePsi``, ``rlnOriginXAngst``).
+    overwrite
+        Replace an existing file.
+
+    Returns
+    -------
+    Path
+
+    Notes
+    -----
+    * The original particle columns are kept (for cryoSPARC input only the
+      ``rln*`` ones: cryoSPARC field names are not STAR labels).
+    * The optics table of RELION 3.1+ input is kept with only the groups still
+      used; for other input one is built from the pixel size, voltage, Cs and
+      amplitude contrast (plus ``rlnImageSize`` and
+      ``rlnImageDimensionality`` = 2). RELION <= 3.0 per-particle optics
+      columns move to it and ``rlnOriginX/Y`` (pixels) become
+      ``rlnOriginX/YAngst``.
+    * CTF values are written as ``rlnDefocusU/V`` (Å), ``rlnDefocusAngle``,
+      ``rlnPhaseShift`` (degrees) and ``rlnCtfBfactor`` (Å²).
+    * ``rlnImageName`` is ``NNNNNN@stack`` with the stack path relative to the
+      output file's folder (absolute when they share only the root).
+    """
+    path = Path(path)
+    blocks = particle_star_blocks(path, particles, rows, extra_columns)
+
+    def write(tmp: Path) -> None:
+        starfile.write(blocks, tmp, float_format=STAR_FLOAT_FORMAT)
+
+    return atomic_write(path, write, overwrite=overwrite)
+
+
+def write_class_averages(
+    path: str | Path, averages: np.ndarray, pixel_size_A: float, overwrite: bool = False
+) -> Path:
+    """Write class averages as an MRC image stack (``run_classes.mrcs``).
+
+    Parameters
+    ----------
+    path
+        Output ``.mrcs`` file.
+    averages
+        ``(K, D, D)`` images (written as float32, MRC mode 2).
+    pixel_size_A
+        Pixel size of the averages in Å (stored as the voxel size).
+    overwrite
+        Replace an existing file.
+
+    Returns
+    -------
+    Path
+    """
+    data = np.asarray(averages, dtype=np.float32)
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3 or data.shape[1] != data.shape[2]:
+        raise ValueError(f"class averages must be (K, D, D); got shape {data.shape}")
+    if not (np.isfinite(pixel_size_A) and pixel_size_A > 0):
+        raise ValueError(f"pixel size must be > 0 Å, got {pixel_size_A}")
+
+    def write(tmp: Path) -> None:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(np.ascontiguousarray(data))
+            mrc.set_image_stack()  # ispg 0: a stack of 2D images, not a volume
+            mrc.voxel_size = float(pixel_size_A)
+            mrc.update_header_stats()
+
+    return atomic_write(path, write, overwrite=overwrite)
+
+
+def write_model_star(
+    path: str | Path,
+    classes_mrcs_name: str,
+    class_distribution: Sequence[float] | np.ndarray,
+    class_resolution_A: Sequence[float] | np.ndarray,
+    pixel_size_A: float,
+    extra_class_columns: pd.DataFrame | dict | None = None,
+    overwrite: bool = False,
+    *,
+    original_image_size: int | None = None,
+    extra_general: dict | None = None,
+) -> Path:
+    """Write a RELION-style 2D model STAR file (``run_model.star``).
+
+    Parameters
+    ----------
+    path
+        Output ``.star`` file.
+    classes_mrcs_name
+        The class-average stack as referenced from the model (normally the file
+        name, e.g. ``run_classes.mrcs``, beside the model file).
+    class_distribution
+        Fraction of particles in each class, shape ``(K,)``.
+    class_resolution_A
+        Estimated resolution of each class in Å; ``inf``/NaN are written as 999
+        (RELION's "no estimate").
+    pixel_size_A
+        Pixel size of the class averages in Å.
+    extra_class_columns
+        More per-class columns (``K`` rows), e.g. ``rlnAccuracyRotations``,
+        ``rlnAccuracyTranslationsAngst``.
+    overwrite
+        Replace an existing file.
+    original_image_size
+        Box of the class averages in pixels; read from ``classes_mrcs_name``
+        (beside ``path``) when not given.
+    extra_general
+        More ``data_model_general`` entries.
+
+    Returns
+    -------
+    Path
+    """
+    path = Path(path)
+    distribution = np.asarray(class_distribution, dtype=np.float64).reshape(-1)
+    resolution = np.asarray(class_resolution_A, dtype=np.float64).reshape(-1)
+    k = len(distribution)
+    if len(resolution) != k:
+        raise ValueError(f"{k} class distributions but {len(resolution)} resolutions")
+    resolution = np.where(np.isfinite(resolution), resolution, RELION_NO_RESOLUTION)
+    if original_image_size is None:
+        from napari_class2d.io.mrc import read_stack_header
+
+        original_image_size = read_stack_header(path.parent / classes_mrcs_name).nx
+    finite = resolution[resolution < RELION_NO_RESOLUTION]
+    general = {
+        "rlnReferenceDimensionality": 2,
+        "rlnDataDimensionality": 2,
+        "rlnOriginalImageSize": int(original_image_size),
+        "rlnCurrentResolution": float(finite.min()) if len(finite) else RELION_NO_RESOLUTION,
+        "rlnCurrentImageSize": int(original_image_size),
+        "rlnPixelSize": float(pixel_size_A),
+        "rlnNrClasses": int(k),
+        "rlnNrBodies": 1,
+        "rlnNrGroups": 1,
+    }
+    general.update(extra_general or {})
+    classes = pd.DataFrame(
+        {
+            "rlnReferenceImage": [f"{i + 1:06d}@{classes_mrcs_name}" for i in range(k)],
+            "rlnClassDistribution": distribution,
+            "rlnEstimatedResolution": resolution,
+        }
+    )
+    if extra_class_columns is not None:
+        extra = pd.DataFrame(extra_class_columns).reset_index(drop=True)
+        if len(extra) != k:
+            raise ValueError(f"extra_class_columns has {len(extra)} rows; expected {k}")
+        for column in extra.columns:
+            classes[column] = extra[column].to_numpy()
+
+    def write(tmp: Path) -> None:
+        starfile.write(
+            {"model_general": general, "model_classes": classes},
+            tmp,
+            float_format=STAR_FLOAT_FORMAT,
+        )
+
+    return atomic_write(path, write, overwrite=overwrite)
