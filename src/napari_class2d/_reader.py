@@ -97,6 +97,19 @@ class _ParticleImages:
         return images[(slice(None), *rest)]
 
 
+class _MappedStack:
+    """Array-like over a memory map: dask copies plain ndarrays (memmaps too) eagerly."""
+
+    def __init__(self, data: np.ndarray):
+        self._data = data
+        self.shape = data.shape
+        self.dtype = data.dtype
+        self.ndim = data.ndim
+
+    def __getitem__(self, key):
+        return np.array(self._data[key])
+
+
 def particle_images_dask(particles, chunk_images: int = CHUNK_IMAGES):
     """A lazy dask array ``(N, box, box)`` over ``particles.read_images``."""
     import dask.array as da
@@ -125,10 +138,12 @@ def read_stack(path) -> list[tuple]:
     apix = float(mrc.voxel_size.x) or 1.0
     sample = np.asarray(data[: min(CONTRAST_SAMPLE, len(data))], dtype=np.float32)
     lazy = da.from_array(
-        data,
+        _MappedStack(data),
         chunks=(min(CHUNK_IMAGES, len(data)), data.shape[1], data.shape[2]),
         name=f"napari-class2d-mrc-{Path(path).name}-{id(mrc):x}",
         meta=np.empty((0, 0, 0), dtype=data.dtype),
+        asarray=True,
+        fancy=False,
     )
     meta = {
         "name": Path(path).stem,

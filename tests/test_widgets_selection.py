@@ -1,0 +1,131 @@
+"""Class Selection widget and the job widgets' forms in a real napari viewer (Xvfb)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import starfile
+
+from _selection_data import make_result
+from napari_class2d._qt.config_form import ConfigForm, attribute_docs
+from napari_class2d._qt.job_widget import Class2DJobWidget
+from napari_class2d._qt.selection_widget import ClassSelectionWidget
+from napari_class2d.engine.config import Class2DConfig
+
+pytestmark = pytest.mark.gui
+
+
+def _dock(viewer, name):
+    _, widget = viewer.window.add_plugin_dock_widget("napari-class2d", name)
+    return widget
+
+
+def test_all_widgets_open_from_manifest(make_napari_viewer):
+    viewer = make_napari_viewer()
+    assert isinstance(_dock(viewer, "2D Classification"), Class2DJobWidget)
+    stream = _dock(viewer, "Streaming 2D Classification")
+    assert isinstance(stream, Class2DJobWidget) and stream.finish_button is not None
+    assert isinstance(_dock(viewer, "Class Selection"), ClassSelectionWidget)
+
+
+def test_docstring_gives_every_field_a_tooltip():
+    docs = attribute_docs()
+    names = {n for n in Class2DConfig.__dataclass_fields__ if n != "extra"}
+    assert names <= set(docs)
+    assert (
+        "Å" in docs["max_res_A"] and docs["mask_outer_diameter_A"] == docs["mask_inner_diameter_A"]
+    )
+
+
+def test_form_is_built_from_config_and_refuses_bad_values(qtbot):
+    form = ConfigForm(streaming=False)
+    qtbot.addWidget(form)
+    names = {n for n in Class2DConfig.__dataclass_fields__ if n != "extra"}
+    streaming_only = {
+        "start_after_n_particles",
+        "full_iteration_every_n_new",
+        "stream_mode",
+        "full_pass_every_n_updates",
+    }
+    assert set(form.fields) == names - streaming_only
+    assert form.config() == Class2DConfig()  # defaults round-trip
+    assert "Number of 2D classes" in form.fields["n_classes"].tooltip
+    assert {w.name for w in form.common} >= {"n_classes", "max_res_A", "seed", "device"}
+    assert "icuf" in {w.name for w in form.advanced}
+    cfg = Class2DConfig(n_classes=7, particle_diameter_A=150.0, ctf_correction="flip")
+    form.set_config(cfg)
+    assert form.config() == cfg
+    stream_form = ConfigForm(streaming=True)
+    qtbot.addWidget(stream_form)
+    assert set(stream_form.fields) == names
+
+
+def test_job_widget_shows_reason_and_disables_start(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    w = _dock(viewer, "2D Classification")
+    assert not w.start_button.isEnabled()
+    assert "particle" in w.error_label.text()
+    stack = tmp_path / "p.mrcs"
+    import mrcfile
+
+    with mrcfile.new(stack) as mrc:
+        mrc.set_data(np.zeros((4, 16, 16), np.float32))
+    w.set_input(str(stack))
+    w.output_dir.value = tmp_path / "out"
+    assert w.start_button.isEnabled(), w.error_label.text()
+    w.form.fields["n_classes"].value = 0
+    assert not w.start_button.isEnabled()
+    assert w.error_label.text().startswith("n_classes=0: must be >= 1")
+    w.form.fields["n_classes"].value = 3
+    w.form.fields["particle_diameter_A"].value = "abc"
+    assert "particle_diameter_A='abc': must be a number" in w.error_label.text()
+    w.form.fields["particle_diameter_A"].value = ""
+    w.form.fields["mask_inner_diameter_A"].value = "200"
+    w.form.fields["mask_outer_diameter_A"].value = "100"
+    assert "mask_outer_diameter_A" in w.error_label.text()
+    assert not w.start_button.isEnabled()
+    assert not w.resume_button.isEnabled()  # no checkpoint in the output folder
+
+
+def test_selection_widget_select_sort_export(make_napari_viewer, tmp_path):
+    truth = make_result(tmp_path / "res", n_particles=90, n_classes=6)
+    viewer = make_napari_viewer()
+    w = _dock(viewer, "Class Selection")
+    w.load(tmp_path / "res")
+    assert len(w.tiles) == 6 and w.kept.all()
+    assert "90 of 90 particles" in w.summary.text()
+    # click class 2 and 5 -> rejected (red), summary follows
+    from napari_class2d._qt.selection_widget import REJECT_COLOR
+
+    click(w.tiles[2])  # a real mouse click on the tile
+    w.toggle(5)
+    assert w.kept_classes().tolist() == [1, 3, 4, 6]
+    assert REJECT_COLOR in w.tiles[2].styleSheet()
+    n_kept = int(np.isin(truth["classes"], [1, 3, 4, 6]).sum())
+    assert f"Kept 4 of 6 classes: {n_kept} of 90" in w.summary.text()
+    w.invert()
+    assert w.kept_classes().tolist() == [2, 5]
+    # threshold: resolution 8, 10.4, 12.8, ... Å; keep <= 11 Å
+    w.metric.setCurrentText("resolution (Å)")
+    w.threshold.setValue(11.0)
+    w.keep_by_threshold("below")
+    assert w.kept_classes().tolist() == [1, 2]
+    # sort by particle count: the grid order follows
+    w.sort_by.setCurrentText("particles")
+    counts = np.bincount(truth["classes"] - 1)
+    first = w.grid.itemAtPosition(0, 0).widget().class_number
+    assert counts[first - 1] == counts.max()
+    click(w.tiles[6])
+    assert w.kept_classes().tolist() == [1, 2, 6]
+    n = w.export(tmp_path / "subset.star")
+    back = starfile.read(tmp_path / "subset.star")["particles"]
+    assert n == len(back) == int(np.isin(truth["classes"], [1, 2, 6]).sum())
+    assert set(back["rlnClassNumber"]) == {1, 2, 6}
+    assert (tmp_path / "subset_classes.mrcs").is_file()
+
+
+def click(widget):
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+
+    QTest.mouseClick(widget, Qt.MouseButton.LeftButton)
