@@ -35,6 +35,7 @@ def make_result(
             "rlnImageName": [f"{i + 1:06d}@Extract/job007/stack.mrcs" for i in range(n_particles)],
             "rlnDefocusU": rng.uniform(8000, 30000, n_particles).round(2),
             "rlnDefocusV": rng.uniform(8000, 30000, n_particles).round(2),
+            "rlnDefocusAngle": rng.uniform(0, 180, n_particles).round(2),
             "rlnMicrographName": [f"mic{i // 10:03d}.mrc" for i in range(n_particles)],
             "rlnClassNumber": classes,
             "rlnAnglePsi": rng.uniform(0, 360, n_particles).round(3),
@@ -47,6 +48,9 @@ def make_result(
     if relion_30:
         particles["rlnMagnification"] = 10000.0
         particles["rlnDetectorPixelSize"] = 2.0
+        particles["rlnVoltage"] = 300.0
+        particles["rlnSphericalAberration"] = 2.7
+        particles["rlnAmplitudeContrast"] = 0.1
         starfile.write(particles, folder / f"{prefix}_data.star", overwrite=True)
     else:
         particles["rlnOpticsGroup"] = np.where(classes <= 2, 1, 2)

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
-from _selection_data import make_result
 
+from _selection_data import make_result
 from napari_class2d.cli import select as select_cli
 from napari_class2d.io.errors import ParticleFileError
 from napari_class2d.selection import (
@@ -56,7 +56,10 @@ def test_relion30_result_without_model_or_eca(tmp_path):
 
 
 def test_not_a_result_is_refused_with_reason(tmp_path):
-    starfile.write(pd.DataFrame({"rlnImageName": ["1@a.mrcs"]}), tmp_path / "p.star")
+    starfile.write(
+        pd.DataFrame({"rlnImageName": ["1@a.mrcs"], "rlnImagePixelSize": [1.0]}),
+        tmp_path / "p.star",
+    )
     with pytest.raises(ParticleFileError, match="rlnClassNumber"):
         load_result(tmp_path / "p.star")
     with pytest.raises(FileNotFoundError, match="missing.star: result particle file not found"):
@@ -88,10 +91,16 @@ def test_export_keeps_exactly_the_kept_classes(tmp_path):
     expected = truth["particles"][np.isin(truth["classes"], [1, 2])].reset_index(drop=True)
     assert n == len(expected)
     back = starfile.read(out)
-    pd.testing.assert_frame_equal(back["particles"], expected, check_dtype=False)
+    got = back["particles"]
+    # every original column kept with its values (floats as written to text)
+    cols = [c for c in expected.columns if c != "rlnImageName"]
+    pd.testing.assert_frame_equal(got[cols], expected[cols], check_dtype=False, atol=1e-3)
+    # image names now point to the same stack from the export's folder
+    assert (got["rlnImageName"] == expected["rlnImageName"].str.replace("@", "@res/")).all()
     # only optics group 1 is used by classes 1-2
     assert back["optics"]["rlnOpticsGroup"].tolist() == [1]
-    assert list(back["optics"].columns) == list(truth["optics"].columns)
+    assert set(truth["optics"].columns) <= set(back["optics"].columns)
+    assert back["optics"]["rlnOpticsGroupName"].tolist() == ["opticsGroup1"]
     rej = starfile.read(tmp_path / "rej.star")
     assert len(rej["particles"]) == 70 - n
     assert set(rej["particles"]["rlnClassNumber"]) == {3, 4, 5}
@@ -148,3 +157,21 @@ def test_select_command(tmp_path, capsys):
     assert rc == 0
     with pytest.raises(SystemExit):
         _cli([str(tmp_path / "res"), "--keep", "a,b", "--out", str(out)])
+
+
+def test_real_relion_class2d_data_star(shared_data, tmp_path):
+    """A real RELION 2D classification particle file (RELION 1.x, β-galactosidase)."""
+    data = shared_data / "star_files/relion1_betagal_tests/ap_s_c2d.star"
+    res = load_result(data)
+    original = starfile.read(data)
+    assert res.n_particles == len(original)
+    np.testing.assert_array_equal(
+        res.class_counts.sum(), len(original)
+    )  # every particle counted once
+    keep = sort_classes(res, "count")[:2]
+    n = export_selection(res, keep, tmp_path / "subset.star")
+    back = starfile.read(tmp_path / "subset.star")
+    assert n == len(back["particles"]) == int(original["rlnClassNumber"].isin(keep).sum())
+    assert set(back["particles"]["rlnClassNumber"]) == set(keep.tolist())
+    # RELION 1.x per-particle optics moved into an optics table, origins in Å
+    assert "rlnImagePixelSize" in back["optics"] and "rlnOriginXAngst" in back["particles"]

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from napari_class2d.io.errors import ParticleFileError
+from napari_class2d.io.particles import ParticleSet
 
 #: model.star columns that may hold a class's ECA (effective number of classes assigned)
 ECA_COLUMNS = ("rlnClassECA", "rlnEffectiveNumberOfClasses", "rlnClassEffectiveClassesAssigned")
@@ -54,6 +55,9 @@ class ClassificationResult:
         Class prior from the model, ``(K,)`` (``counts / N`` when the model has none).
     iteration
         Iteration number of a RELION ``_itNNN_`` result, else ``None``.
+    particle_set
+        The particles as a :class:`ParticleSet` (stack paths resolved as the
+        readers do; images are not needed to export a selection).
     """
 
     data_star: Path
@@ -69,6 +73,7 @@ class ClassificationResult:
     class_eca: np.ndarray
     class_distribution: np.ndarray
     iteration: int | None = None
+    particle_set: ParticleSet | None = None
 
     @property
     def n_classes(self) -> int:
@@ -150,28 +155,17 @@ def find_result_files(result: str | Path) -> tuple[Path, Path | None, Path | Non
 
 
 # -- reading ----------------------------------------------------------------------------
-def _read_data_star(path: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    import starfile
+def _read_data_star(path: Path, project_dir=None) -> ParticleSet:
+    from napari_class2d.io.readers import read_particles
 
-    try:
-        blocks = starfile.read(path, always_dict=True)
-    except Exception as err:  # starfile raises assorted errors on malformed files
-        raise ParticleFileError(path, f"cannot parse STAR file ({err})") from err
-    optics = blocks.get("optics")
-    particles = None
-    for name, block in blocks.items():
-        if name != "optics" and isinstance(block, pd.DataFrame) and "rlnClassNumber" in block:
-            particles = block
-            break
-    if particles is None:
+    particles = read_particles(path, project_dir=project_dir, check_stacks=False)
+    if "rlnClassNumber" not in particles.metadata.columns:
         raise ParticleFileError(
             path,
-            "no particle table with an rlnClassNumber column: not a 2D classification result",
+            "no rlnClassNumber column: not a 2D classification result",
             column="rlnClassNumber",
         )
-    if not isinstance(optics, pd.DataFrame):
-        optics = None
-    return particles.reset_index(drop=True), optics
+    return particles
 
 
 def _read_model_classes(path: Path) -> pd.DataFrame | None:
@@ -196,8 +190,11 @@ def _read_stack(path: Path) -> tuple[np.ndarray, float | None]:
     return data.copy(), (apix if apix > 0 else None)
 
 
-def load_result(result: str | Path) -> ClassificationResult:
+def load_result(result: str | Path, project_dir: str | Path | None = None) -> ClassificationResult:
     """Load a classification result folder, ``*_data.star`` or ``*_model.star``.
+
+    ``project_dir`` is the RELION project folder when image paths are relative to it
+    (tried automatically: the result folder and its two parents).
 
     Raises
     ------
@@ -207,7 +204,8 @@ def load_result(result: str | Path) -> ClassificationResult:
         When the particle file has no ``rlnClassNumber`` or a class number is invalid.
     """
     data_star, model_star, classes_mrcs, iteration = find_result_files(result)
-    particles, optics = _read_data_star(data_star)
+    particle_set = _read_data_star(data_star, project_dir)
+    particles, optics = particle_set.metadata, particle_set.optics
     class_number = pd.to_numeric(particles["rlnClassNumber"], errors="coerce").to_numpy()
     bad = np.nonzero(~np.isfinite(class_number) | (class_number < 1))[0]
     if len(bad):
@@ -270,6 +268,7 @@ def load_result(result: str | Path) -> ClassificationResult:
         class_eca=eca,
         class_distribution=distribution,
         iteration=iteration,
+        particle_set=particle_set,
     )
 
 
@@ -367,48 +366,13 @@ def export_selection(
     return int(mask.sum())
 
 
-def _used_optics(result: ClassificationResult, mask: np.ndarray) -> pd.DataFrame | None:
-    if result.optics is None:
-        return None
-    if "rlnOpticsGroup" not in result.particles or "rlnOpticsGroup" not in result.optics:
-        return result.optics
-    used = np.unique(result.particles["rlnOpticsGroup"].to_numpy()[mask])
-    return result.optics[result.optics["rlnOpticsGroup"].isin(used)].reset_index(drop=True)
-
-
 def _write_particles(path: Path, result: ClassificationResult, mask: np.ndarray, overwrite):
-    import os
-    import tempfile
+    from napari_class2d.io.writers import write_particle_star
 
-    import starfile
-
-    particles = result.particles[mask].reset_index(drop=True)
-    optics = _used_optics(result, mask)
-    blocks = particles if optics is None else {"optics": optics, "particles": particles}
-    fd, tmp = tempfile.mkstemp(suffix=".star", dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        starfile.write(blocks, tmp, overwrite=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_particle_star(path, result.particle_set, rows=np.nonzero(mask)[0], overwrite=overwrite)
 
 
 def _write_averages(path: Path, averages: np.ndarray, pixel_size_A, overwrite):
-    import os
-    import tempfile
+    from napari_class2d.io.writers import write_class_averages
 
-    import mrcfile
-
-    fd, tmp = tempfile.mkstemp(suffix=".mrcs", dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(np.ascontiguousarray(averages, dtype=np.float32))
-            if pixel_size_A:
-                mrc.voxel_size = pixel_size_A
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_class_averages(path, averages, pixel_size_A or 1.0, overwrite=overwrite)
