@@ -1,0 +1,214 @@
+"""Fourier-space bookkeeping at the working box: the half-plane frequency list,
+rings, shifts, and rotation of real-space images.
+
+Conventions (used everywhere in the engine)
+------------------------------------------
+* Images are ``(..., D, D)`` arrays indexed ``[row, col]``; ``x = col``, ``y = row``;
+  the image centre (rotation origin) is pixel ``(D // 2, D // 2)``.
+* The Fourier transform is ``rfft2(ifftshift(image), norm="ortho")`` so the phase
+  origin is the image centre. Only the frequencies of :class:`FourierGrid` are
+  kept: the open disc ``0 < |f| < D/2`` on the half-plane ``kx > 0 or
+  (kx == 0 and ky > 0)``. Each kept coefficient stands for itself and its
+  Hermitian mate, so sums over it are half of full-plane sums.
+* Shifting an image by ``t = (tx, ty)`` pixels multiplies its transform by
+  ``exp(-2πi (kx tx + ky ty) / D)``.
+* Rotating an image by ``ψ`` (counter-clockwise in ``(x, y)`` with ``y`` along
+  rows) gives ``A_ψ(x) = A(R_{-ψ} x)`` and ``Â_ψ(f) = Â(R_{-ψ} f)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class FourierGrid:
+    """The kept frequencies of a ``D x D`` image.
+
+    Attributes
+    ----------
+    box
+        Working box D in pixels.
+    kx, ky
+        Integer frequencies (cycles per box) of each kept coefficient, float32 ``(F,)``.
+    rows, cols
+        Their position in the ``(D, D // 2 + 1)`` rfft array, int64 ``(F,)``.
+    radius
+        ``|f|`` in cycles per box, ``(F,)``.
+    ring
+        Integer ring ``round(|f|)``, ``(F,)``; rings run ``1 .. D // 2 - 1``.
+    """
+
+    box: int
+    kx: torch.Tensor
+    ky: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    radius: torch.Tensor
+    ring: torch.Tensor
+
+    @classmethod
+    def create(cls, box: int, device: torch.device | str = "cpu") -> FourierGrid:
+        ky = torch.fft.fftfreq(box, d=1.0 / box, device=device)[:, None].expand(box, box // 2 + 1)
+        kx = torch.arange(box // 2 + 1, device=device, dtype=torch.float32)[None, :].expand(
+            box, box // 2 + 1
+        )
+        r = torch.sqrt(kx**2 + ky**2)
+        keep = (r > 0) & (r < box / 2) & ((kx > 0) | (ky > 0))
+        rows, cols = torch.nonzero(keep, as_tuple=True)
+        return cls(
+            box=box,
+            kx=kx[rows, cols].float().contiguous(),
+            ky=ky[rows, cols].float().contiguous(),
+            rows=rows,
+            cols=cols,
+            radius=r[rows, cols].float().contiguous(),
+            ring=torch.round(r[rows, cols]).long().contiguous(),
+        )
+
+    @property
+    def n(self) -> int:
+        return int(self.kx.numel())
+
+    @property
+    def n_rings(self) -> int:
+        return self.box // 2 + 1
+
+    def to(self, device: torch.device | str) -> FourierGrid:
+        return FourierGrid(
+            self.box, *(getattr(self, k).to(device) for k in ("kx", "ky", "rows", "cols")),
+            self.radius.to(device), self.ring.to(device),
+        )
+
+    def subset(self, mask: torch.Tensor) -> FourierGrid:
+        """The coefficients selected by ``mask`` as a grid of their own (same box)."""
+        return FourierGrid(self.box, self.kx[mask], self.ky[mask], self.rows[mask],
+                           self.cols[mask], self.radius[mask], self.ring[mask])
+
+    def band(self, min_radius: float, max_radius: float) -> torch.Tensor:
+        """Boolean mask of the coefficients with ``min_radius <= |f| <= max_radius``."""
+        return (self.radius >= min_radius) & (self.radius <= max_radius)
+
+    def radius_for_resolution(self, resolution_A: float, pixel_size_A: float) -> float:
+        """Radius in cycles per box of a resolution in Å at this box and pixel size (Å)."""
+        return self.box * pixel_size_A / resolution_A
+
+    # -- transforms -----------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Kept coefficients of real images ``(..., D, D)`` -> complex ``(..., F)``."""
+        ft = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)), norm="ortho")
+        return ft[..., self.rows, self.cols]
+
+    def to_rfft(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """Place kept coefficients ``(..., F)`` in a Hermitian-complete rfft array."""
+        d = self.box
+        out = torch.zeros(coeffs.shape[:-1] + (d, d // 2 + 1), dtype=coeffs.dtype,
+                          device=coeffs.device)
+        out[..., self.rows, self.cols] = coeffs
+        col0 = self.cols == 0  # column kx=0 holds both ky and -ky: fill the mates
+        out[..., (-self.rows[col0]) % d, 0] = coeffs[..., col0].conj()
+        return out
+
+    def inverse(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """Real images ``(..., D, D)`` from kept coefficients ``(..., F)``."""
+        d = self.box
+        img = torch.fft.irfft2(self.to_rfft(coeffs), s=(d, d), norm="ortho")
+        return torch.fft.fftshift(img, dim=(-2, -1))
+
+    def shift_phase(self, shifts: torch.Tensor, sign: float = -1.0) -> torch.Tensor:
+        """``exp(sign * 2πi f·t / D)`` for shifts ``(..., 2)`` (x, y) px -> ``(..., F)``."""
+        arg = (shifts[..., 0:1] * self.kx + shifts[..., 1:2] * self.ky) * (
+            sign * 2.0 * math.pi / self.box
+        )
+        return torch.polar(torch.ones_like(arg), arg)
+
+    def ring_average(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean of ``values (..., F)`` over each ring -> ``(..., n_rings)`` (0 for empty rings)."""
+        out = torch.zeros(values.shape[:-1] + (self.n_rings,), dtype=values.dtype,
+                          device=values.device)
+        out.index_add_(-1, self.ring, values)
+        count = torch.bincount(self.ring, minlength=self.n_rings).to(values.dtype)
+        return out / count.clamp(min=1)
+
+
+def rotation_grid(angles_deg: torch.Tensor, box: int) -> torch.Tensor:
+    """Sampling grid for ``grid_sample`` that rotates ``(D, D)`` images by each angle.
+
+    Output pixel ``x`` takes the input at ``R_{-ψ} x`` (about the centre), i.e.
+    the content turns counter-clockwise by ψ in ``(x=col, y=row)``.
+    Returns ``(R, D, D, 2)`` in ``align_corners=True`` normalised coordinates.
+    """
+    dev = angles_deg.device
+    c = torch.arange(box, device=dev, dtype=torch.float32) - box // 2
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    a = torch.deg2rad(angles_deg.float())[:, None, None]
+    cos, sin = torch.cos(a), torch.sin(a)
+    src_x = cos * x + sin * y
+    src_y = -sin * x + cos * y
+    scale = 2.0 / (box - 1)
+    return torch.stack(((src_x + box // 2) * scale - 1, (src_y + box // 2) * scale - 1), -1)
+
+
+def rotate_images(images: torch.Tensor, angles_deg: torch.Tensor, mode: str = "bicubic"
+                  ) -> torch.Tensor:
+    """Rotate real images ``(R, D, D)`` each by its angle (counter-clockwise, degrees)."""
+    grid = rotation_grid(angles_deg, images.shape[-1])
+    out = F.grid_sample(images[:, None], grid, mode=mode, padding_mode="zeros",
+                        align_corners=True)
+    return out[:, 0]
+
+
+def rotated_coefficients(images: torch.Tensor, angles_deg: torch.Tensor, grid: FourierGrid,
+                         pad: int = 2) -> torch.Tensor:
+    """Kept Fourier coefficients of each image rotated by each angle.
+
+    The transform is oversampled ``pad`` times (zero-padding in real space) and
+    interpolated bilinearly, as RELION does, so rotation loses little at high
+    frequency.
+
+    Parameters
+    ----------
+    images
+        ``(K, D, D)`` real images.
+    angles_deg
+        ``(R,)`` rotation angles in degrees.
+
+    Returns
+    -------
+    torch.Tensor
+        Complex ``(K, R, F)``.
+    """
+    k, d = images.shape[0], images.shape[-1]
+    big = d * pad
+    lo = (big - d) // 2
+    padded = torch.zeros((k, big, big), dtype=torch.float32, device=images.device)
+    padded[:, lo:lo + d, lo:lo + d] = images
+    ft = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(padded, dim=(-2, -1)),
+                                           norm="ortho"), dim=(-2, -1)) * pad
+    planes = torch.cat((ft.real, ft.imag), 0)[None]  # (1, 2K, big, big)
+    a = torch.deg2rad(angles_deg.float())[:, None]
+    cos, sin = torch.cos(a), torch.sin(a)
+    gx = cos * grid.kx + sin * grid.ky  # R_{-psi} f
+    gy = -sin * grid.kx + cos * grid.ky
+    scale = 2.0 / (big - 1)
+    centre = big // 2
+    sample = torch.stack(((gx * pad + centre) * scale - 1, (gy * pad + centre) * scale - 1), -1)
+    out = F.grid_sample(planes, sample.reshape(1, -1, 1, 2), mode="bilinear",
+                        padding_mode="zeros", align_corners=True)
+    out = out.reshape(2, k, angles_deg.numel(), grid.n)
+    return torch.complex(out[0], out[1])
+
+
+def soft_circle(box: int, inner_radius_px: float, outer_radius_px: float,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(D, D)`` mask: 1 inside ``inner``, raised-cosine edge to 0 at ``outer`` (pixels)."""
+    c = torch.arange(box, device=device, dtype=torch.float32) - box // 2
+    r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
+    if outer_radius_px <= inner_radius_px:
+        return (r <= inner_radius_px).float()
+    t = ((r - inner_radius_px) / (outer_radius_px - inner_radius_px)).clamp(0, 1)
+    return 0.5 * (1 + torch.cos(math.pi * t))

@@ -1,0 +1,464 @@
+"""The classification job: batch and streaming share one schedule.
+
+A batch job is a stream whose particles are all there at the start and whose
+"finish" is requested at once, so given the same particles and seed both give
+the same classes. The schedule (see ``docs/parameters.md`` and
+``../shared/docs/ALGORITHM.md``):
+
+* warm-up: start once ``config.warmup_particles`` particles are there (batch: at once);
+* online EM: online iteration ``j`` (annealing factor ``config.annealing_factor(j)``)
+  runs once ``(j + 1) * batch`` distinct particles have arrived, or once finish is
+  requested; each draws its mini-batch from the particles seen so far, unseen ones
+  first. While a stream waits for particles it keeps iterating on its pool at the
+  current annealing level (the schedule does not advance);
+* streaming after the online phase: a full (or incremental) iteration each time
+  ``config.full_iteration_trigger`` new particles have arrived;
+* finish: the online iterations not yet reached, then ``n_final_full_iterations``
+  full iterations (the last one hard when ``hard_classification_last``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_class2d.engine.config import Class2DConfig, ConfigError
+from napari_class2d.engine.model import (
+    ONLINE_STEP_SIZE,
+    Class2DModel,
+    IterationStats,
+    ParticleAssignments,
+    resolve_device,
+)
+from napari_class2d.engine.pool import ParticlePool
+from napari_class2d.engine.snapshot import IterationSnapshot
+from napari_class2d.io.particles import ParticleSet
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+#: idle iterations on an unchanged pool before a stream only waits
+MAX_IDLE_ITERATIONS = 2
+
+
+class Class2DJob:
+    """A 2D classification job over a particle set (batch) or a particle stream.
+
+    Parameters
+    ----------
+    particles_or_source
+        A :class:`~napari_class2d.io.particles.ParticleSet` (batch) or a stream
+        source with ``poll() -> ParticleSet | None``, ``state() -> dict`` and
+        ``restore(state)``.
+    config
+        Job parameters; validated before any work starts.
+    out_dir
+        Folder for outputs, the particle cache and the checkpoint (``None``: no files).
+    resume
+        Continue from ``out_dir/checkpoint.pt``.
+    overwrite
+        Replace existing outputs in ``out_dir`` (otherwise refuse to start over them).
+    poll_seconds
+        Streaming: pause between polls while waiting for particles.
+    """
+
+    def __init__(self, particles_or_source, config: Class2DConfig, out_dir: str | Path | None = None,
+                 resume: bool = False, overwrite: bool = False, poll_seconds: float = 2.0):
+        self.config = config.validate()
+        self.streaming = not isinstance(particles_or_source, ParticleSet)
+        self.source = particles_or_source
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.overwrite = overwrite
+        self.poll_seconds = poll_seconds
+        self.device = resolve_device(config.device)
+        self._stop = threading.Event()
+        self._finish = threading.Event()
+        if not self.streaming:
+            self._finish.set()
+        self.pool: ParticlePool | None = None
+        self.model: Class2DModel | None = None
+        self.assignments = ParticleAssignments.empty()
+        self.rng = np.random.default_rng(config.seed)
+        self.seen = np.zeros(0, dtype=bool)
+        self.online_done = 0
+        self.full_done = 0
+        self.iteration = 0
+        self.idle_iterations = 0
+        self.n_at_last_update = 0
+        self.incremental_updates = 0
+        self.history: list[dict] = []
+        self.done = False
+        self._last_snapshot: IterationSnapshot | None = None
+        if self.out_dir is not None:
+            existing = [p for p in ("run_data.star", CHECKPOINT) if (self.out_dir / p).exists()]
+            if existing and not (resume or overwrite):
+                raise FileExistsError(
+                    f"{self.out_dir} already holds {', '.join(existing)}: "
+                    "resume the job or allow overwriting"
+                )
+            if resume:
+                self._load_checkpoint()
+
+    # -- control (thread-safe) ---------------------------------------------------------
+    def request_stop(self) -> None:
+        """Stop after the current iteration; the checkpoint keeps everything computed."""
+        self._stop.set()
+
+    def request_finish(self) -> None:
+        """Streaming: finish the schedule (remaining online, final full iterations)."""
+        self._finish.set()
+
+    @property
+    def n_particles(self) -> int:
+        return self.pool.n if self.pool is not None else 0
+
+    @property
+    def n_iterations_planned(self) -> int:
+        return self.config.n_online_em_iterations + self.config.n_final_full_iterations
+
+    # -- the schedule ------------------------------------------------------------------
+    def run(self) -> Iterator[IterationSnapshot]:
+        """Run the schedule, yielding one snapshot per iteration (and while waiting)."""
+        cfg = self.config
+        batch = cfg.online_batch_size
+        if not self.streaming and self.pool is None:
+            self._add(self.source)
+        while not self.done:
+            if self._stop.is_set():
+                self._save_checkpoint()
+                return
+            arrived = self._poll() if self.streaming else 0
+            if arrived:
+                self.idle_iterations = 0
+            finishing = self._finish.is_set()
+            n = self.n_particles
+            if self.model is None or not self.model.initialised:
+                if n >= cfg.warmup_particles or (finishing and n > 0):
+                    self._initialise()
+                elif finishing:
+                    raise ValueError("the job was finished before any particle arrived")
+                else:
+                    yield self._waiting(f"waiting for particles: {n} of {cfg.warmup_particles} "
+                                        "needed to start")
+                    continue
+            if self.online_done < cfg.n_online_em_iterations:
+                if finishing or n >= (self.online_done + 1) * batch:
+                    yield self._online(advance=True)
+                elif self.idle_iterations < MAX_IDLE_ITERATIONS:
+                    self.idle_iterations += 1
+                    yield self._online(advance=False)
+                else:
+                    need = (self.online_done + 1) * batch
+                    yield self._waiting(f"online iteration {self.online_done + 1} waits for "
+                                        f"{need} distinct particles ({n} so far)")
+                continue
+            if not finishing:
+                if n - self.n_at_last_update >= cfg.full_iteration_trigger:
+                    yield self._streaming_update()
+                else:
+                    nxt = self.n_at_last_update + cfg.full_iteration_trigger
+                    yield self._waiting(f"online phase done; next full iteration at {nxt} "
+                                        f"particles ({n} so far)", next_full_at=nxt)
+                continue
+            if self.full_done < cfg.n_final_full_iterations:
+                last = self.full_done == cfg.n_final_full_iterations - 1
+                yield self._full(hard=last and cfg.hard_classification_last, final=True)
+                continue
+            self.done = True
+            self._save_checkpoint()
+            if self.out_dir is not None:
+                self.write_outputs(self.out_dir, overwrite=True)
+
+    def run_to_end(self) -> IterationSnapshot | None:
+        """Consume :meth:`run`; return the last snapshot."""
+        for snap in self.run():
+            self._last_snapshot = snap
+        return self._last_snapshot
+
+    # -- steps -------------------------------------------------------------------------
+    def _poll(self) -> int:
+        new = self.source.poll()
+        if new is None or new.n_particles == 0:
+            if self._last_snapshot is not None and self._last_snapshot.phase == "waiting":
+                time.sleep(self.poll_seconds)
+            return 0
+        self._add(new)
+        return new.n_particles
+
+    def _add(self, particles: ParticleSet) -> None:
+        if self.pool is None:
+            apix = float(np.median(particles.pixel_size_A))
+            params = self.config.resolve(particles.box, apix)
+            if self.config.ctf_correction != "off" and not particles.has_ctf:
+                raise ConfigError(
+                    f"ctf_correction={self.config.ctf_correction!r}: {particles.source_path or 'the particles'} "
+                    "carry no CTF parameters; use ctf_correction='off'"
+                )
+            from napari_class2d.engine.pool import working_grid
+
+            cache = self.out_dir / "cache" if self.out_dir is not None else None
+            self.pool = ParticlePool(params, working_grid(params), cache, seed=self.config.seed)
+            self.model = Class2DModel(self.config, params, self.device)
+        elif self.config.ctf_correction != "off" and not particles.has_ctf:
+            raise ConfigError(f"{particles.source_path}: new particles carry no CTF parameters")
+        self.pool.add(particles)
+        self.seen = np.concatenate([self.seen, np.zeros(particles.n_particles, bool)])
+        self.assignments.grow(self.pool.n)
+
+    def _draw(self, size: int) -> np.ndarray:
+        """A mini-batch: unseen particles first, the rest at random from those seen."""
+        n = self.n_particles
+        unseen = np.nonzero(~self.seen[:n])[0]
+        if len(unseen) >= size:
+            pick = self.rng.choice(unseen, size, replace=False)
+        else:
+            seen = np.nonzero(self.seen[:n])[0]
+            extra = self.rng.choice(seen, min(size - len(unseen), len(seen)), replace=False)
+            pick = np.concatenate([unseen, extra])
+        self.seen[pick] = True
+        return np.sort(pick)
+
+    def _initialise(self) -> None:
+        self._first_batch = self._draw(self.config.online_batch_size)
+        self.model.initialise(self.pool, self._first_batch, self.rng)
+
+    def _online(self, advance: bool) -> IterationSnapshot:
+        cfg = self.config
+        j = self.online_done
+        indices = getattr(self, "_first_batch", None)
+        self._first_batch = None
+        if indices is None:
+            indices = self._draw(cfg.online_batch_size)
+        anneal = cfg.annealing_factor(j)
+        last_overall = (advance and j == cfg.n_online_em_iterations - 1
+                        and cfg.n_final_full_iterations == 0 and self._finish.is_set())
+        step = 1.0 if (j == 0 and advance and self.iteration == 0) else ONLINE_STEP_SIZE
+        stats = self.model.iterate(self.pool, indices, self.assignments, anneal, step,
+                                   hard=last_overall and cfg.hard_classification_last,
+                                   online=True, rng=self.rng)
+        if advance:
+            self.online_done += 1
+        msg = "" if advance else "iterating on the pool while waiting for particles"
+        return self._after("online", stats, anneal, msg)
+
+    def _full(self, hard: bool, final: bool) -> IterationSnapshot:
+        indices = np.arange(self.n_particles)
+        self.seen[:] = True
+        stats = self.model.iterate(self.pool, indices, self.assignments, 1.0, 1.0, hard=hard,
+                                   online=False, rng=self.rng)
+        if final:
+            self.full_done += 1
+        self.n_at_last_update = self.n_particles
+        return self._after("full", stats, 1.0, "")
+
+    def _streaming_update(self) -> IterationSnapshot:
+        cfg = self.config
+        if cfg.stream_mode == "full" or self.incremental_updates + 1 >= cfg.full_pass_every_n_updates:
+            self.incremental_updates = 0
+            return self._full(hard=False, final=False)
+        # incremental: E-step on the new particles only, their statistics added on
+        new = np.arange(self.n_at_last_update, self.n_particles)
+        self.seen[new] = True
+        frac = len(new) / max(self.n_particles, 1)
+        stats = self.model.iterate(self.pool, new, self.assignments, 1.0, frac, hard=False,
+                                   online=False, rng=self.rng)
+        self.incremental_updates += 1
+        self.n_at_last_update = self.n_particles
+        return self._after("incremental", stats, 1.0, "")
+
+    # -- snapshots ---------------------------------------------------------------------
+    def _after(self, phase: str, stats: IterationStats, anneal: float, msg: str
+               ) -> IterationSnapshot:
+        self.iteration += 1
+        snap = self._snapshot(phase, stats, anneal, msg)
+        self.history.append({
+            "iteration": self.iteration, "phase": phase,
+            "counts": stats.counts_hard.tolist(),
+            "resolution_A": snap.class_resolution_A.tolist(),
+            "annealing_factor": anneal,
+        })
+        self._last_snapshot = snap
+        if self.out_dir is not None:
+            self._save_checkpoint()
+            self.write_outputs(self.out_dir, overwrite=True)
+        return snap
+
+    def _snapshot(self, phase, stats: IterationStats | None, anneal: float, msg: str,
+                  next_full_at: int = 0) -> IterationSnapshot:
+        cfg = self.config
+        m = self.model
+        k = cfg.n_classes
+        n = self.n_particles
+        if m is not None and m.initialised:
+            avgs = m.class_averages()
+            apix = m.pixel_size_A
+            res = m.resolution.cpu().numpy().astype(np.float32)
+            dist = m.prior.cpu().numpy().astype(np.float32)
+            noise = m.noise.cpu().numpy().astype(np.float32)
+            inner, outer = m.params.mask_inner_diameter_A, m.params.mask_outer_diameter_A
+        else:
+            d = m.params.working_box if m is not None else 1
+            avgs = np.zeros((k, d, d), np.float32)
+            apix = m.pixel_size_A if m is not None else 1.0
+            res = np.full(k, np.inf, np.float32)
+            dist = np.full(k, 1.0 / k, np.float32)
+            noise = np.zeros(1, np.float32)
+            inner = m.params.mask_inner_diameter_A if m is not None else 0.0
+            outer = m.params.mask_outer_diameter_A if m is not None else 0.0
+        if stats is None and self._last_snapshot is not None and phase == "waiting":
+            prev = self._last_snapshot
+            hard, soft, eca = prev.class_counts_hard, prev.class_counts_soft, prev.class_eca
+        elif stats is None:
+            hard = np.zeros(k, np.int64)
+            soft = np.zeros(k, np.float32)
+            eca = np.zeros(k, np.float32)
+        else:
+            hard, soft, eca = stats.counts_hard, stats.counts_soft, stats.eca
+        needed = max(0, cfg.warmup_particles - n) if (m is None or not m.initialised) else 0
+        return IterationSnapshot(
+            iteration=self.iteration,
+            n_iterations_planned=self.n_iterations_planned,
+            phase=phase,
+            class_averages=avgs,
+            pixel_size_A=float(apix),
+            class_counts_hard=np.asarray(hard, np.int64),
+            class_counts_soft=np.asarray(soft, np.float32),
+            class_resolution_A=res,
+            class_eca=np.asarray(eca, np.float32),
+            class_distribution=dist,
+            noise_spectrum=noise,
+            annealing_factor=float(anneal),
+            n_particles_seen=n,
+            n_particles_used=stats.n_particles if stats is not None else 0,
+            mask_inner_diameter_A=float(inner),
+            mask_outer_diameter_A=float(outer),
+            n_particles_needed=needed,
+            next_full_at=next_full_at,
+            timings=dict(stats.timings, n_evaluations=stats.n_evaluations) if stats else {},
+            message=msg,
+        )
+
+    def _waiting(self, msg: str, next_full_at: int = 0) -> IterationSnapshot:
+        anneal = self.config.annealing_factor(self.online_done)
+        snap = self._snapshot("waiting", None, anneal, msg, next_full_at)
+        self._last_snapshot = snap
+        return snap
+
+    # -- outputs -----------------------------------------------------------------------
+    def particles(self) -> ParticleSet:
+        """All particles of the job, in pool order."""
+        sets = self.pool.sets
+        return sets[0] if len(sets) == 1 else ParticleSet.concat(sets)
+
+    def particle_table(self):
+        """Classification columns per particle (RELION names, 1-based classes)."""
+        import pandas as pd
+
+        a = self.assignments
+        apix = self.model.pixel_size_A
+        visited = a.best_class >= 0
+        return pd.DataFrame({
+            "rlnClassNumber": np.where(visited, a.best_class + 1, 0).astype(int),
+            "rlnAnglePsi": a.psi_deg,
+            "rlnOriginXAngst": -a.shift_px[:, 0] * apix,
+            "rlnOriginYAngst": -a.shift_px[:, 1] * apix,
+            "rlnMaxValueProbDistribution": a.max_prob,
+            "rlnNrOfSignificantSamples": np.maximum(np.round(a.ess_pose), 1).astype(int),
+            "rlnLogLikeliContribution": a.loglik,
+        })
+
+    def write_outputs(self, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
+        """Write ``run_data.star``, ``run_classes.mrcs`` and ``run_model.star`` atomically."""
+        from napari_class2d.io.writers import (
+            write_class_averages,
+            write_model_star,
+            write_particle_star,
+        )
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        m = self.model
+        paths = {"data": out / "run_data.star", "classes": out / "run_classes.mrcs",
+                 "model": out / "run_model.star"}
+        write_class_averages(paths["classes"], m.class_averages(), m.pixel_size_A,
+                             overwrite=overwrite)
+        counts = np.bincount(self.assignments.best_class[self.assignments.best_class >= 0],
+                             minlength=self.config.n_classes)
+        dist = counts / max(counts.sum(), 1)
+        write_model_star(paths["model"], paths["classes"].name, dist,
+                         m.resolution.cpu().numpy(), m.pixel_size_A, overwrite=overwrite)
+        write_particle_star(paths["data"], self.particles(), extra_columns=self.particle_table(),
+                            overwrite=overwrite)
+        return paths
+
+    # -- checkpoints -------------------------------------------------------------------
+    def _save_checkpoint(self) -> None:
+        if self.out_dir is None or self.model is None:
+            return
+        state = {
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "assignments": self.assignments,
+            "rng": self.rng.bit_generator.state,
+            "seen": self.seen,
+            "counters": {k: getattr(self, k) for k in (
+                "online_done", "full_done", "iteration", "n_at_last_update",
+                "incremental_updates", "done")},
+            "history": self.history,
+            "source_state": self.source.state() if self.streaming else None,
+            "sets": [_picklable(s) for s in self.pool.sets],
+            "half": self.pool.half,
+            "first_batch": getattr(self, "_first_batch", None),
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.out_dir / (CHECKPOINT + ".tmp")
+        torch.save(state, tmp, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, self.out_dir / CHECKPOINT)
+
+    def _load_checkpoint(self) -> None:
+        path = self.out_dir / CHECKPOINT
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+        state = torch.load(path, weights_only=False)
+        saved = Class2DConfig.from_dict(state["config"])
+        if saved.replace(device=self.config.device) != self.config.replace(
+                device=saved.device, memory_budget_GB=saved.memory_budget_GB):
+            log.warning("resuming with changed parameters; the checkpoint's values are used")
+            self.config = saved.replace(device=self.config.device)
+        sets = state["sets"]
+        first = sets[0]
+        params = self.config.resolve(first.box, float(np.median(first.pixel_size_A)))
+        from napari_class2d.engine.pool import working_grid
+
+        self.pool = ParticlePool(params, working_grid(params), self.out_dir / "cache",
+                                 seed=self.config.seed)
+        self.pool.reopen(sets, state["half"])
+        self.model = Class2DModel(self.config, params, self.device)
+        self.model.load_state_dict(state["model"])
+        self.assignments = state["assignments"]
+        self.rng.bit_generator.state = state["rng"]
+        self.seen = state["seen"]
+        for k, v in state["counters"].items():
+            setattr(self, k, v)
+        self.history = state["history"]
+        self._first_batch = state["first_batch"]
+        if self.streaming and state["source_state"] is not None:
+            self.source.restore(state["source_state"])
+
+
+def _picklable(particles: ParticleSet) -> ParticleSet:
+    """A copy whose image source holds no open memory maps (they are reopened lazily)."""
+    import copy
+
+    p = copy.copy(particles)
+    p.images = copy.copy(particles.images)
+    p.images._mmaps = {}
+    return p
