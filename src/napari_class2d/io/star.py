@@ -167,12 +167,19 @@ def parse_image_names(path: Path, names: pd.Series) -> tuple[np.ndarray, np.ndar
         An empty name, a non-numeric or non-positive index (names the row).
     """
     text = names.astype(str).str.strip()
-    parts = text.str.split("@", n=1, expand=True)
-    if parts.shape[1] == 1:  # no '@' anywhere: each file holds one image
-        parts[1] = None
-    has_at = parts[1].notna()
-    number = parts[0].where(has_at, "1")
-    stack = parts[1].where(has_at, parts[0]).str.replace(r":mrcs?$", "", regex=True)
+    at = text.str.find("@").to_numpy()
+    number = pd.Series("1", index=text.index, dtype=object)  # no '@': one-image file
+    stack = text.copy()
+    # Slice at each distinct '@' position (usually one: fixed-width NNNNNN@),
+    # which is much faster than splitting a million strings.
+    for p in np.unique(at[at >= 0]):
+        rows = at == p
+        part = text[rows]
+        number[rows] = part.str.slice(0, int(p))
+        stack[rows] = part.str.slice(int(p) + 1)
+    suffixed = stack.str.endswith((":mrcs", ":mrc")).to_numpy()
+    if suffixed.any():
+        stack[suffixed] = stack[suffixed].str.replace(r":mrcs?$", "", regex=True)
     empty = stack.str.len().fillna(0).to_numpy() == 0
     if empty.any():
         row = int(np.argmax(empty))
@@ -182,8 +189,13 @@ def parse_image_names(path: Path, names: pd.Series) -> tuple[np.ndarray, np.ndar
             row=row,
             column="rlnImageName",
         )
-    index = pd.to_numeric(number, errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(index) | (index < 1) | (index != np.floor(index))
+    try:
+        index = number.astype(np.int64).to_numpy()
+        bad = index < 1
+    except (ValueError, TypeError):
+        as_float = pd.to_numeric(number, errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(as_float) | (as_float < 1) | (as_float != np.floor(as_float))
+        index = np.where(bad, 1, np.nan_to_num(as_float)).astype(np.int64)
     if bad.any():
         row = int(np.argmax(bad))
         raise ParticleFileError(
@@ -194,7 +206,7 @@ def parse_image_names(path: Path, names: pd.Series) -> tuple[np.ndarray, np.ndar
             column="rlnImageName",
         )
     codes, uniques = pd.factorize(stack, sort=False)
-    return index.astype(np.int64) - 1, codes.astype(np.int64), [str(u) for u in uniques]
+    return index - 1, codes.astype(np.int64), [str(u) for u in uniques]
 
 
 def read_star(

@@ -16,10 +16,10 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pandas as pd
-import starfile
 
 from napari_class2d.io.optics import OPTICS_CTF_COLUMNS, optics_table_for
 from napari_class2d.io.particles import ParticleSet
+from napari_class2d.io.starwriter import write_star_file
 
 #: CTFParams field -> RELION particle column
 CTF_PARTICLE_COLUMNS = {
@@ -38,8 +38,6 @@ _LEGACY_OPTICS_COLUMNS = (
 )
 #: RELION's value for "no resolution estimate"
 RELION_NO_RESOLUTION = 999.0
-#: floats in STAR files: 12 significant digits (round-trips what RELION writes)
-STAR_FLOAT_FORMAT = "%.12g"
 
 
 def atomic_write(
@@ -249,7 +247,7 @@ def write_particle_star(
     blocks = particle_star_blocks(path, particles, rows, extra_columns)
 
     def write(tmp: Path) -> None:
-        starfile.write(blocks, tmp, float_format=STAR_FLOAT_FORMAT)
+        write_star_file(tmp, blocks)
 
     return atomic_write(path, write, overwrite=overwrite)
 
@@ -374,10 +372,6 @@ def write_model_star(
             classes[column] = extra[column].to_numpy()
 
     def write(tmp: Path) -> None:
-        starfile.write(
-            {"model_general": general, "model_classes": classes},
-            tmp,
-            float_format=STAR_FLOAT_FORMAT,
-        )
+        write_star_file(tmp, {"model_general": general, "model_classes": classes})
 
     return atomic_write(path, write, overwrite=overwrite)
