@@ -17,13 +17,13 @@ def make_sample_particles(out_dir: str | Path | None = None) -> list[tuple]:
     layer metadata names the ``particles.star`` so a job can be run on it.
     """
     from napari_class2d._reader import read_particle_file
-    from napari_class2d.sim import simulate_dataset
+    from napari_class2d.sim.simulate import simulate_dataset
 
     if out_dir is None:
         out_dir = tempfile.mkdtemp(prefix="napari-class2d-sample-")
     out_dir = Path(out_dir)
-    simulate_dataset(out_dir, n_particles=SAMPLE_PARTICLES, box=SAMPLE_BOX)
-    layers = read_particle_file(str(out_dir / "particles.star"))
+    sim = simulate_dataset(out_dir, n_particles=SAMPLE_PARTICLES, box=SAMPLE_BOX)
+    layers = read_particle_file(str(sim.particles_star))
     for _data, meta, _kind in layers:
         meta["name"] = "simulated particles"
     return layers

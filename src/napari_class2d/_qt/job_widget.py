@@ -8,6 +8,7 @@ Each run carries an id; yields of a stopped or superseded run are dropped.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +108,10 @@ class Class2DJobWidget(QWidget):
         self._run_counter = 0
         self._worker = None
         self._progress = None
+        self._pending: list = []
+        self._drawing = False
+        #: (start, end) perf_counter seconds of each snapshot drawn (GUI cost per iteration)
+        self.draw_windows: list[tuple[float, float]] = []
         self.last_out_dir: Path | None = None
 
         outer = QVBoxLayout(self)
@@ -380,19 +385,34 @@ class Class2DJobWidget(QWidget):
         if not self._current(run_id):
             return
         self._run.snapshots.append(snap)
+        # Drawing may process events (napari's progress bar does), which can deliver
+        # the next snapshot inside this call: queue it so snapshots are drawn in order.
+        self._pending.append(snap)
+        if self._drawing:
+            return
+        self._drawing = True
+        try:
+            while self._pending:
+                t0 = time.perf_counter()
+                self._draw(self._pending.pop(0))
+                self.draw_windows.append((t0, time.perf_counter()))
+        finally:
+            self._drawing = False
+
+    def _draw(self, snap) -> None:
         if snap.phase != "waiting" and snap.iteration > 0:
             self.live.update(snap)
             if self.plots is not None:
                 self.plots.add(snap)
-            if self._progress is not None:
-                self._progress.total = max(snap.n_iterations_planned, snap.iteration)
-                self._progress.update(max(0, snap.iteration - self._progress.n))
         text = f"Iteration {snap.iteration}/{snap.n_iterations_planned} ({snap.phase})"
         if self.streaming:
             text += "\n" + stream_status(snap)
         if snap.message:
             text += f"\n{snap.message}"
         self.status_label.setText(text)
+        if self._progress is not None and snap.iteration > self._progress.n:
+            self._progress.total = max(snap.n_iterations_planned, snap.iteration)
+            self._progress.update(snap.iteration - self._progress.n)
 
     def _on_error(self, run_id: int, err: Exception) -> None:
         if run_id != self._run_counter:

@@ -165,8 +165,10 @@ class LiveLayers:
     def _set_shapes(self, name, shapes, translate, width) -> None:
         layer = self._layer(name)
         if layer is not None and layer.nshapes == len(shapes):
+            current = np.stack([np.asarray(d) for d in layer.data]) if len(shapes) else None
+            if current is not None and np.allclose(current, np.stack(shapes)):
+                return  # unchanged mask: skip re-triangulating the shapes
             layer.data = shapes
-            layer.shape_type = ["ellipse"] * len(shapes)
             return
         if layer is not None:
             self.viewer.layers.remove(layer)

@@ -1,0 +1,203 @@
+"""Job widgets in a real napari viewer (Xvfb): run, watch, stop/resume, stream, select, export."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import starfile
+from qtpy.QtCore import QTimer
+
+from napari_class2d._qt import live_layers
+from napari_class2d._qt.job_widget import PLOTS_NAME
+from napari_class2d._reader import META_PARTICLES
+
+pytestmark = pytest.mark.gui
+
+#: tiny job: 300 particles, box 32, K=4, 3 online iterations x 20 per class, 1 full
+JOB = {
+    "n_classes": 4,
+    "n_online_em_iterations": 3,
+    "batch_size_per_class": 20,
+    "n_final_full_iterations": 1,
+    "max_res_A": 8.0,
+}
+
+
+@pytest.fixture(scope="module")
+def sim_star(tmp_path_factory):
+    from napari_class2d.sim.simulate import simulate_dataset
+
+    out = tmp_path_factory.mktemp("sim")
+    return simulate_dataset(out, n_particles=300, box=32, seed=1).particles_star
+
+
+def _job_widget(viewer, name="2D Classification", **params):
+    _, w = viewer.window.add_plugin_dock_widget("napari-class2d", name)
+    for key, value in {**JOB, **params}.items():
+        w.form.fields[key].value = value
+    return w
+
+
+class Ticker:
+    """Counts main-thread timer ticks: the largest gap shows how long the GUI froze."""
+
+    def __init__(self, interval_ms=20):
+        self.times = [time.perf_counter()]
+        self.timer = QTimer()
+        self.timer.timeout.connect(lambda: self.times.append(time.perf_counter()))
+        self.timer.start(interval_ms)
+
+    def stop(self, busy=()) -> float:
+        """Longest gap between ticks that does not overlap a ``busy`` (start, end) window."""
+        self.timer.stop()
+        t = np.asarray(self.times)
+        gaps = []
+        for a, b in zip(t[:-1], t[1:], strict=True):
+            if not any(s < b and e > a for s, e in busy):
+                gaps.append(b - a)
+        return float(max(gaps)) if gaps else np.inf
+
+
+def _watch_layer_data(viewer, name):
+    """Copies of ``name``'s data each time it is set (creation included)."""
+    seen = []
+
+    def hook(event):
+        layer = event.value
+        if layer.name == name:
+            seen.append(np.array(layer.data))
+            layer.events.data.connect(lambda e: seen.append(np.array(layer.data)))
+
+    viewer.layers.events.inserted.connect(hook)
+    return seen
+
+
+def _images(table, folder):
+    """``(index, absolute stack path)`` of each row's rlnImageName (relative to ``folder``)."""
+    out = []
+    for name in table["rlnImageName"]:
+        index, stack = name.split("@")
+        out.append((int(index), (folder / stack).resolve()))
+    return out
+
+
+def test_batch_job_live_layers_selection_export(make_napari_viewer, qtbot, sim_star, tmp_path):
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(sim_star), plugin="napari-class2d")
+    assert META_PARTICLES in layer.metadata
+    w = _job_widget(viewer)
+    w.set_input(layer.name)
+    w.output_dir.value = tmp_path / "job"
+    assert w.start_button.isEnabled(), w.error_label.text()
+    averages_seen = _watch_layer_data(viewer, live_layers.AVERAGES)
+
+    ticker = Ticker()
+    run = w.start()
+    qtbot.waitUntil(lambda: not w.running, timeout=120_000)
+    # the gaps outside the main thread's own drawing show whether the job blocks the GUI
+    max_gap = ticker.stop(busy=w.draw_windows)
+    n_ticks = len(ticker.times)
+
+    assert [s.iteration for s in run.snapshots] == [1, 2, 3, 4]
+    assert [s.phase for s in run.snapshots] == ["online"] * 3 + ["full"]
+    # the GUI kept running while the job computed (the job never froze it for 1 s)
+    assert max_gap < 1.0, f"event loop blocked for {max_gap:.2f} s"
+    assert n_ticks > 20
+    draw_s = [e - s for s, e in w.draw_windows]
+    assert max(draw_s[1:]) < 2.0, draw_s  # updating the layers in place is quick
+    # class averages layer: updated in place every iteration, each time new content
+    assert w.live.n_updates == 4 and len(averages_seen) == 4
+    for before, after in zip(averages_seen, averages_seen[1:], strict=False):
+        assert not np.array_equal(before, after)
+    last = run.snapshots[-1]
+    np.testing.assert_array_equal(viewer.layers[live_layers.AVERAGES].data, last.class_averages)
+    # the mask drawn over the averages: inner and outer circle at the snapshot's pixel size
+    mask = viewer.layers[live_layers.MASK]
+    assert mask.nshapes == 2 and set(mask.shape_type) == {"ellipse"}
+    radii = sorted(float(np.ptp(v[:, -1])) / 2 for v in mask.data)
+    expected = sorted(
+        [
+            last.mask_inner_diameter_A / 2 / last.pixel_size_A,
+            last.mask_outer_diameter_A / 2 / last.pixel_size_A,
+        ]
+    )
+    np.testing.assert_allclose(radii, expected, rtol=1e-6)
+    # gallery labels name class, count and resolution
+    labels = viewer.layers[live_layers.LABELS].features["label"].tolist()
+    assert labels[0].startswith(f"1: n={int(last.class_counts_hard[0])}, ")
+    assert viewer.window.dock_widgets[PLOTS_NAME].iterations == [1, 2, 3, 4]
+    assert "Done" in w.status_label.text()
+
+    # hand over to Class Selection, keep the two biggest classes, export
+    assert w.select_button.isEnabled()
+    sel = w.open_selection()
+    assert sel.result.n_classes == 4 and sel.result.n_particles == 300
+    keep = np.argsort(-sel.result.class_counts)[:2] + 1
+    sel.set_kept(keep, True, exclusive=True)
+    n = sel.export(tmp_path / "subset.star")
+    data = starfile.read(tmp_path / "job" / "run_data.star")["particles"]
+    expected_rows = data[data["rlnClassNumber"].isin(keep)]
+    back = starfile.read(tmp_path / "subset.star")["particles"]
+    assert n == len(back) == len(expected_rows) > 0
+    assert _images(back, tmp_path) == _images(expected_rows, tmp_path / "job")
+
+
+def test_stop_then_resume_from_checkpoint(make_napari_viewer, qtbot, sim_star, tmp_path):
+    viewer = make_napari_viewer()
+    w = _job_widget(viewer, n_online_em_iterations=5)
+    w.set_input(str(sim_star))
+    w.output_dir.value = tmp_path / "job"
+    run = w.start()
+    qtbot.waitUntil(lambda: len(run.snapshots) >= 1, timeout=60_000)
+    w.stop()
+    shown = w.live.n_updates
+    qtbot.waitUntil(lambda: not w.running, timeout=60_000)
+    assert w.live.n_updates == shown  # late yields of the stopped run are dropped
+    assert "Stopped" in w.status_label.text()
+    assert (tmp_path / "job" / "checkpoint.pt").is_file()
+    assert w.resume_button.isEnabled() and w.start_button.isEnabled()
+
+    resumed = w.start(resume=True)
+    qtbot.waitUntil(lambda: not w.running, timeout=120_000)
+    iterations = [s.iteration for s in resumed.snapshots]
+    assert iterations[0] > 1 and iterations[-1] == 6  # continues, does not start over
+    assert len(iterations) < 6
+    assert (tmp_path / "job" / "run_data.star").is_file()
+
+
+def test_failure_is_reported_and_layers_kept(make_napari_viewer, qtbot, sim_star, tmp_path):
+    viewer = make_napari_viewer()
+    w = _job_widget(viewer, max_res_A=2.0)  # finer than Nyquist (6 Å): refused by the job
+    w.set_input(str(sim_star))
+    w.output_dir.value = tmp_path / "job"
+    n_layers = len(viewer.layers)
+    w.start()
+    qtbot.waitUntil(lambda: not w.running, timeout=60_000)
+    assert w.status_label.text().startswith("Failed")
+    assert "max_res_A" in w.status_label.text()
+    assert len(viewer.layers) == n_layers
+
+
+def test_streaming_widget_status_and_finish(make_napari_viewer, qtbot, sim_star, tmp_path):
+    from napari_class2d.io.readers import read_particles
+    from napari_class2d.io.writers import write_particle_star
+
+    watched = tmp_path / "incoming"
+    watched.mkdir()
+    write_particle_star(watched / "batch1.star", read_particles(sim_star), rows=np.arange(200))
+    viewer = make_napari_viewer()
+    w = _job_widget(viewer, "Streaming 2D Classification")
+    w.set_input(str(watched))
+    w.output_dir.value = tmp_path / "job"
+    assert w.start_button.isEnabled(), w.error_label.text()
+    run = w.start()
+    assert w.finish_button.isEnabled()
+    qtbot.waitUntil(lambda: any(s.phase == "online" for s in run.snapshots), timeout=60_000)
+    assert "phase:" in w.status_label.text() and "seen 200" in w.status_label.text()
+    w.finish()
+    qtbot.waitUntil(lambda: not w.running, timeout=120_000)
+    assert run.snapshots[-1].phase == "full"
+    assert (tmp_path / "job" / "run_data.star").is_file()
+    assert len(starfile.read(tmp_path / "job" / "run_data.star")["particles"]) == 200
