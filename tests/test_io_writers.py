@@ -1,0 +1,358 @@
+"""Writers: RELION 3.1 particle STAR, class averages, model STAR; atomic writes; concat."""
+
+from __future__ import annotations
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+
+from io_fixtures import (
+    cs_fields,
+    make_relion31,
+    relion30_block,
+    relion31_blocks,
+    write_cs,
+    write_stack,
+    write_star,
+)
+from napari_class2d.io.errors import ParticleFileError
+from napari_class2d.io.model import read_class_averages, read_model_star
+from napari_class2d.io.particles import CTFParams, ParticleSet
+from napari_class2d.io.readers import read_particles
+from napari_class2d.io.writers import (
+    atomic_write,
+    write_class_averages,
+    write_model_star,
+    write_particle_star,
+)
+
+# -- atomic writes -------------------------------------------------------------------
+
+
+def test_atomic_write_refuses_to_overwrite(tmp_path):
+    path = tmp_path / "out.txt"
+    atomic_write(path, lambda tmp: tmp.write_text("first"))
+    with pytest.raises(FileExistsError, match="overwrite=True") as err:
+        atomic_write(path, lambda tmp: tmp.write_text("second"))
+    assert str(path) in str(err.value)
+    assert path.read_text() == "first"
+    atomic_write(path, lambda tmp: tmp.write_text("second"), overwrite=True)
+    assert path.read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]  # no temp files left
+
+
+def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
+    path = tmp_path / "out.txt"
+
+    def failing(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, failing)
+    assert list(tmp_path.iterdir()) == []
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        atomic_write(path, failing, overwrite=True)
+    assert path.read_text() == "old"  # the old file is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_atomic_write_needs_an_existing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        atomic_write(tmp_path / "nope" / "x.txt", lambda tmp: tmp.write_text("x"))
+
+
+def test_every_writer_refuses_to_overwrite(tmp_path):
+    star, _, _ = make_relion31(tmp_path)
+    ps = read_particles(star)
+    write_particle_star(tmp_path / "o.star", ps)
+    with pytest.raises(FileExistsError):
+        write_particle_star(tmp_path / "o.star", ps)
+    write_class_averages(tmp_path / "c.mrcs", np.zeros((2, 8, 8)), 1.0)
+    with pytest.raises(FileExistsError):
+        write_class_averages(tmp_path / "c.mrcs", np.zeros((2, 8, 8)), 1.0)
+    write_model_star(tmp_path / "m.star", "c.mrcs", [0.5, 0.5], [10, 12], 1.0)
+    with pytest.raises(FileExistsError):
+        write_model_star(tmp_path / "m.star", "c.mrcs", [0.5, 0.5], [10, 12], 1.0)
+
+
+# -- particle STAR -------------------------------------------------------------------
+
+
+def test_subset_round_trip_keeps_columns_prunes_optics_adds_extras(tmp_path):
+    images = write_stack(tmp_path / "stack.mrcs", 9, 16)
+    blocks = relion31_blocks(9, groups=(1, 2, 5), pixel_sizes=(1.5, 1.5, 1.5))
+    ps = read_particles(write_star(tmp_path / "in.star", blocks))
+    rows = np.array([8, 0, 3, 5])  # groups 5, 1, 1, 5: group 2 is no longer used
+    classes = np.array([3, 1, 1, 12])
+    out = tmp_path / "sub" / "run_data.star"
+    out.parent.mkdir()
+    extra = pd.DataFrame({"rlnClassNumber": classes, "rlnAnglePsi": [10.0, 20.0, 30.0, 40.0]})
+    write_particle_star(out, ps, rows=rows, extra_columns=extra)
+
+    back = starfile.read(out, always_dict=True)
+    optics, particles = back["optics"], back["particles"]
+    original = blocks["particles"]
+    assert list(particles.columns[: len(original.columns)]) == list(original.columns)
+    assert list(optics["rlnOpticsGroup"]) == [1, 5]
+    assert list(optics.columns) == list(blocks["optics"].columns)
+    # 1-based class numbers written as integers
+    assert particles["rlnClassNumber"].dtype.kind == "i"
+    np.testing.assert_array_equal(particles["rlnClassNumber"], classes)
+    np.testing.assert_allclose(particles["rlnAnglePsi"], [10, 20, 30, 40])  # replaced
+    np.testing.assert_allclose(
+        particles["rlnCoordinateX"], original["rlnCoordinateX"].to_numpy()[rows]
+    )
+    np.testing.assert_allclose(particles["rlnDefocusU"], original["rlnDefocusU"].to_numpy()[rows])
+    # stack paths relative to the new file's folder
+    assert particles["rlnImageName"].iloc[0] == "000009@../stack.mrcs"
+    again = read_particles(out)
+    np.testing.assert_array_equal(again.read_images(np.arange(4)), images[rows])
+    np.testing.assert_array_equal(again.optics_group, [5, 1, 1, 5])
+
+
+def test_extra_columns_may_cover_every_input_particle(tmp_path):
+    star, _, _ = make_relion31(tmp_path, n=6)
+    ps = read_particles(star)
+    write_particle_star(
+        tmp_path / "o.star", ps, rows=[4, 1], extra_columns={"rlnClassNumber": np.arange(1, 7)}
+    )
+    back = starfile.read(tmp_path / "o.star")["particles"]
+    np.testing.assert_array_equal(back["rlnClassNumber"], [5, 2])
+    with pytest.raises(ValueError, match="extra_columns has 3 rows"):
+        write_particle_star(tmp_path / "p.star", ps, rows=[4, 1], extra_columns={"x": [1, 2, 3]})
+
+
+def test_relion30_input_becomes_relion31(tmp_path):
+    images = write_stack(tmp_path / "stack.mrcs", 6, 16)
+    block = relion30_block(6)
+    ps = read_particles(write_star(tmp_path / "in30.star", {"": block}))
+    out = tmp_path / "out.star"
+    write_particle_star(out, ps)
+    back = starfile.read(out, always_dict=True)
+    optics, particles = back["optics"], back["particles"]
+    assert len(optics) == 1
+    assert optics["rlnImagePixelSize"].iloc[0] == pytest.approx(1.5)
+    assert optics["rlnVoltage"].iloc[0] == 300 and optics["rlnImageSize"].iloc[0] == 16
+    assert optics["rlnImageDimensionality"].iloc[0] == 2
+    # per-particle optics values moved to the optics table; origins now in Å
+    for gone in ("rlnVoltage", "rlnMagnification", "rlnDetectorPixelSize", "rlnOriginX"):
+        assert gone not in particles.columns
+    np.testing.assert_allclose(particles["rlnOriginXAngst"], block["rlnOriginX"] * 1.5)
+    again = read_particles(out)
+    assert again.source_format == "relion3.1"
+    np.testing.assert_allclose(again.ctf.defocus_u_A, ps.ctf.defocus_u_A)
+    np.testing.assert_allclose(again.ctf.amplitude_contrast, 0.07)
+    np.testing.assert_array_equal(again.read_images([5]), images[[5]])
+
+
+def test_cryosparc_input_written_with_relion_names(tmp_path):
+    write_stack(tmp_path / "stack.mrcs", 5, 16)
+    fields = cs_fields(5, "stack.mrcs")
+    ps = read_particles(write_cs(tmp_path / "p.cs", fields))
+    out = tmp_path / "from_cs.star"
+    write_particle_star(out, ps, extra_columns={"rlnClassNumber": [1, 2, 3, 1, 2]})
+    back = starfile.read(out, always_dict=True)
+    particles = back["particles"]
+    assert not any("/" in c for c in particles.columns)  # no cryoSPARC field names
+    np.testing.assert_allclose(particles["rlnDefocusU"], fields["ctf/df1_A"], rtol=1e-6)
+    np.testing.assert_allclose(
+        particles["rlnDefocusAngle"],
+        np.degrees(fields["ctf/df_angle_rad"].astype(float)),
+        atol=1e-4,
+    )
+    np.testing.assert_allclose(particles["rlnPhaseShift"], 90, rtol=1e-6)
+    assert "rlnCtfBfactor" in particles.columns
+    assert back["optics"]["rlnImagePixelSize"].iloc[0] == pytest.approx(1.25)
+    again = read_particles(out)
+    np.testing.assert_allclose(again.ctf.defocus_v_A, ps.ctf.defocus_v_A, rtol=1e-9)
+    np.testing.assert_array_equal(again.read_images(np.arange(5)), ps.read_images(np.arange(5)))
+
+
+def test_bare_stack_written_without_ctf(tmp_path):
+    write_stack(tmp_path / "stack.mrcs", 4, 8, voxel_size=2.0)
+    ps = read_particles(tmp_path / "stack.mrcs")
+    write_particle_star(tmp_path / "o.star", ps)
+    optics = starfile.read(tmp_path / "o.star", always_dict=True)["optics"]
+    assert "rlnVoltage" not in optics.columns
+    again = read_particles(tmp_path / "o.star")
+    assert again.ctf is None and again.pixel_size_A[0] == 2.0
+
+
+def test_image_names_beside_the_output_are_bare_names(tmp_path):
+    star, _, _ = make_relion31(tmp_path)
+    ps = read_particles(star)
+    names = starfile.read(write_particle_star(tmp_path / "o.star", ps))["particles"][
+        "rlnImageName"
+    ]
+    assert names.iloc[0] == "000001@stack.mrcs"
+
+
+# -- concat --------------------------------------------------------------------------
+
+
+def _set(tmp_path, name, n, apix, seed):
+    folder = tmp_path / name
+    folder.mkdir()
+    images = write_stack(folder / "stack.mrcs", n, 16, seed=seed)
+    return read_particles(
+        write_star(folder / "p.star", relion31_blocks(n, pixel_sizes=(apix,)))
+    ), images
+
+
+def test_concat_renumbers_only_clashing_optics_groups(tmp_path):
+    a, ia = _set(tmp_path, "a", 3, 1.5, 1)
+    b, ib = _set(tmp_path, "b", 4, 2.0, 2)  # also group 1, but another pixel size
+    c, ic = _set(tmp_path, "c", 2, 1.5, 3)  # group 1 with the same optics as a
+    ps = ParticleSet.concat([a, b, c])
+    assert ps.n_particles == 9
+    np.testing.assert_array_equal(ps.optics_group, [1, 1, 1, 2, 2, 2, 2, 1, 1])
+    np.testing.assert_array_equal(ps.metadata["rlnOpticsGroup"], ps.optics_group)
+    assert list(ps.optics["rlnOpticsGroup"]) == [1, 2]
+    assert list(ps.optics["rlnOpticsGroupName"]) == ["opticsGroup1", "opticsGroup2"]
+    assert ps.pixel_size_by_optics_group == {1: 1.5, 2: 2.0}
+    np.testing.assert_array_equal(ps.read_images(np.arange(9)), np.concatenate([ia, ib, ic]))
+    np.testing.assert_allclose(
+        ps.ctf.defocus_u_A, np.concatenate([s.ctf.defocus_u_A for s in (a, b, c)])
+    )
+    # and it writes as a valid RELION 3.1 file
+    out = write_particle_star(tmp_path / "all.star", ps)
+    again = read_particles(out)
+    assert again.pixel_size_by_optics_group == {1: 1.5, 2: 2.0}
+    np.testing.assert_array_equal(again.read_images([8]), ic[[1]])
+
+
+def test_concat_mixes_relion30_and_31(tmp_path):
+    a, _ = _set(tmp_path, "a", 3, 1.5, 1)
+    folder = tmp_path / "old"
+    folder.mkdir()
+    write_stack(folder / "stack.mrcs", 6, 16)
+    old = read_particles(write_star(folder / "p30.star", {"": relion30_block(6)}))
+    ps = ParticleSet.concat([a, old])
+    assert ps.optics is not None
+    assert set(ps.optics["rlnOpticsGroup"]) == set(np.unique(ps.optics_group))
+    # a's group 1 is 1.5 Å / 300 kV / AC 0.1; the old set's AC is 0.07: a new group
+    assert len(np.unique(ps.optics_group)) == 2
+
+
+def test_concat_refuses_mixed_boxes_and_ctf(tmp_path):
+    a, _ = _set(tmp_path, "a", 3, 1.5, 1)
+    images = np.zeros((2, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="different box sizes"):
+        ParticleSet.concat([a, ParticleSet.from_array(images, 1.5)])
+    no_ctf = ParticleSet.from_array(np.zeros((2, 16, 16), np.float32), 1.5)
+    with pytest.raises(ValueError, match="with and without CTF"):
+        ParticleSet.concat([a, no_ctf])
+    ctf = CTFParams(*(np.ones(2) for _ in range(8)))
+    both = ParticleSet.concat([ParticleSet.from_array(np.ones((2, 16, 16)), 1.5, ctf=ctf)] * 2)
+    assert both.n_particles == 4 and both.optics is None
+
+
+# -- class averages and models -------------------------------------------------------
+
+
+def test_class_averages_stack(tmp_path):
+    averages = np.random.default_rng(0).normal(size=(5, 24, 24))
+    path = write_class_averages(tmp_path / "run_classes.mrcs", averages, 3.2)
+    with mrcfile.open(path) as mrc:
+        assert mrc.data.shape == (5, 24, 24) and mrc.data.dtype == np.float32
+        assert int(mrc.header.mode) == 2 and int(mrc.header.ispg) == 0
+        assert mrc.is_image_stack()
+        assert float(mrc.voxel_size.x) == pytest.approx(3.2)
+        np.testing.assert_allclose(mrc.data, averages.astype(np.float32))
+    back = read_class_averages(path)
+    assert back.pixel_size_A == pytest.approx(3.2)
+    np.testing.assert_array_equal(back.class_numbers, [1, 2, 3, 4, 5])
+
+
+def test_model_star_round_trip(tmp_path):
+    averages = np.random.default_rng(0).normal(size=(3, 16, 16)).astype(np.float32)
+    write_class_averages(tmp_path / "run_classes.mrcs", averages, 2.5)
+    path = write_model_star(
+        tmp_path / "run_model.star",
+        "run_classes.mrcs",
+        [0.5, 0.3, 0.2],
+        [8.0, np.inf, 12.0],
+        2.5,
+        extra_class_columns={"rlnAccuracyRotations": [1.0, 2.0, 3.0]},
+    )
+    raw = starfile.read(path, always_dict=True)
+    general, classes = raw["model_general"], raw["model_classes"]
+    assert general["rlnReferenceDimensionality"] == 2
+    assert general["rlnNrClasses"] == 3 and general["rlnOriginalImageSize"] == 16
+    assert general["rlnPixelSize"] == pytest.approx(2.5)
+    assert list(classes["rlnReferenceImage"]) == [
+        "000001@run_classes.mrcs",
+        "000002@run_classes.mrcs",
+        "000003@run_classes.mrcs",
+    ]
+    np.testing.assert_allclose(classes["rlnEstimatedResolution"], [8, 999, 12])
+    model = read_model_star(path)
+    assert model.n_classes == 3
+    np.testing.assert_allclose(model.resolution_A, [8, np.inf, 12])
+    np.testing.assert_allclose(model.distribution, [0.5, 0.3, 0.2])
+    back = read_class_averages(path)
+    np.testing.assert_array_equal(back.images, averages)
+    assert back.pixel_size_A == pytest.approx(2.5)
+
+
+def test_relion_class2d_model_in_a_project(tmp_path):
+    """A RELION Class2D model names its stack relative to the project folder."""
+    job = tmp_path / "Class2D" / "job008"
+    job.mkdir(parents=True)
+    averages = np.random.default_rng(1).normal(size=(4, 12, 12)).astype(np.float32)
+    write_class_averages(job / "run_it025_classes.mrcs", averages, 4.0)
+    general = {
+        "rlnReferenceDimensionality": 2,
+        "rlnDataDimensionality": 2,
+        "rlnOriginalImageSize": 12,
+        "rlnPixelSize": 4.0,
+        "rlnNrClasses": 4,
+    }
+    classes = pd.DataFrame(
+        {
+            "rlnReferenceImage": [
+                f"{i:06d}@Class2D/job008/run_it025_classes.mrcs" for i in (1, 2, 3, 4)
+            ],
+            "rlnClassDistribution": [0.4, 0.3, 0.2, 0.1],
+            "rlnAccuracyRotations": [999.0] * 4,
+            "rlnAccuracyTranslationsAngst": [999.0] * 4,
+            "rlnEstimatedResolution": [12.0, 15.0, 999.0, 20.0],
+        }
+    )
+    model = job / "run_it025_model.star"
+    starfile.write({"model_general": general, "model_classes": classes}, model)
+    back = read_class_averages(model)
+    np.testing.assert_array_equal(back.images, averages)
+    np.testing.assert_allclose(back.resolution_A, [12, 15, np.inf, 20])
+
+
+def test_relion_3d_models_are_read_but_not_as_class_averages(shared_data):
+    path = shared_data / "star_files/relion1_betagal_tests/ref_it002_model.star"
+    model = read_model_star(path)
+    assert model.n_classes == 1 and model.reference_dimensionality == 3
+    assert model.pixel_size_A == pytest.approx(3.540002)
+    assert model.distribution[0] == 1.0
+    assert model.reference_paths == [None]  # test_output/out_it002_class001.mrc is absent
+    assert np.isnan(model.resolution_A[0])  # no rlnEstimatedResolution in RELION 1 models
+    with pytest.raises(ParticleFileError, match="3D references"):
+        read_class_averages(path)
+    refine = read_model_star(
+        shared_data / "star_files/emtools_refine3d/run_it016_half1_model.star"
+    )
+    assert refine.resolution_A[0] == pytest.approx(3.354503)
+
+
+def test_model_reader_errors(tmp_path, shared_data):
+    path = shared_data / "star_files/relion1_betagal_tests/ref_it002_data.star"
+    with pytest.raises(ParticleFileError, match="no data_model_classes") as err:
+        read_model_star(path)
+    assert err.value.path == path
+    missing = tmp_path / "run_model.star"
+    write_model_star(missing, "absent.mrcs", [1.0], [10.0], 1.0, original_image_size=8)
+    with pytest.raises(ParticleFileError, match="not found") as err:
+        read_class_averages(missing)
+    assert err.value.row == 0 and err.value.column == "rlnReferenceImage"
