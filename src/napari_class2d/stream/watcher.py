@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from napari_class2d.io.errors import ParticleFileError
-from napari_class2d.io.particles import ImageSource, ParticleSet
+from napari_class2d.io.particles import CTFParams, ImageSource, ParticleSet
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,10 @@ TEMP_SUFFIXES = (".tmp", ".part", "~", ".swp", ".partial", ".crdownload")
 
 _IMAGE_NAME_RE = re.compile(rb"^[ \t]*_rlnImageName\b", re.M)
 _DATA_RE = re.compile(rb"^[ \t]*data_", re.M)
-_LOOP_RE = re.compile(rb"^[ \t]*loop_[ \t]*\r?\n((?:[ \t]*(?:_[^\n]*)?\r?\n)+)", re.M)
+_ROW_RE = re.compile(rb"^[ \t]*[^\s#]", re.M)  # a data line (not blank, not a comment)
+_COMMENT_RE = re.compile(rb"^[ \t]*#[^\n]*\n", re.M)
+#: files whose new rows are parsed together (bounds the scratch STAR of one parse)
+PARSE_CHUNK_FILES = 256
 
 
 def is_temp_name(name: str) -> bool:
@@ -106,14 +110,27 @@ class _NotReady(Exception):
 
 
 @dataclass
+class _Body:
+    """Appended text of an incremental STAR file, not parsed yet."""
+
+    header: bytes
+    body: bytes
+
+
+@dataclass
 class _Parsed:
     """Rows parsed from a particle file, before the completeness check of their images."""
 
-    particles: ParticleSet  # images not yet resolved (stack paths as tried first)
+    particles: ParticleSet  # parsed rows (stacks not resolved); may hold other files' rows too
     stack_names: list[str]  # stacks as written in the file
     stack_code: np.ndarray  # per row: index into stack_names
     image_index: np.ndarray  # per row: 0-based image index
     n_body_bytes: int  # bytes of the parsed body (incremental STAR), to advance the offset
+    rows: np.ndarray | None = None  # this file's rows of `particles` (None: all of them)
+
+    @property
+    def row_indices(self) -> np.ndarray:
+        return np.arange(len(self.image_index)) if self.rows is None else self.rows
 
 
 class FolderWatcher:
@@ -245,18 +262,23 @@ class FolderWatcher:
             except OSError as err:
                 logger.warning("cannot list %s: %s; will retry", self.path, err)
                 return None
-            for rec in entries:
+            now = time.time()
+            todo = [rec for rec in entries if self._wants(rec, now)]
+            for start in range(0, len(todo), PARSE_CHUNK_FILES):
                 if (
                     self.max_seconds_per_poll is not None
                     and time.monotonic() - started > self.max_seconds_per_poll
                 ):
                     break
-                part = self._poll_file(rec)
-                if part is not None and part.n_particles:
-                    parts.append(part)
+                chunk = todo[start : start + PARSE_CHUNK_FILES]
+                results = self._parse_many(chunk)
+                for rec in chunk:
+                    part = self._poll_file(rec, results[rec.name], now)
+                    if part is not None and part.n_particles:
+                        parts.append(part)
             if not parts:
                 return None
-            out = parts[0] if len(parts) == 1 else ParticleSet.concat(parts)
+            out = _join(parts)
             self.n_taken += out.n_particles
             return out
 
@@ -390,21 +412,25 @@ class FolderWatcher:
                 continue
 
     # -- one file -------------------------------------------------------------------
-    def _poll_file(self, rec: _FileRecord) -> ParticleSet | None:
+    def _wants(self, rec: _FileRecord, now: float) -> bool:
+        """Whether ``rec`` may hold something new (stat-based, no file is opened)."""
         changed = (rec.size, rec.mtime_ns) != (rec.taken_size, rec.taken_mtime_ns)
         if rec.status in ("taken", "not-particles") and not changed:
-            return None
+            return False
         if rec.status == "broken" and not changed and self.n_polls % self.broken_after_polls:
-            return None  # broken files are retried every few polls only
-        now = time.time()
+            return False  # broken files are retried every few polls only
         if self.stable_seconds and now - rec.mtime_ns * 1e-9 < self.stable_seconds:
             if rec.status in ("new", "taken", "not-particles"):
                 rec.status = "pending"
-            return None
+            return False
         if rec.status == "not-particles":
             rec.status = "pending"
+        return True
+
+    def _poll_file(self, rec: _FileRecord, parsed, now: float) -> ParticleSet | None:
+        """Take the complete rows of ``parsed`` (from :meth:`_parse_many`) for ``rec``."""
         try:
-            part, complete = self._take(rec)
+            part, complete = self._take(rec, parsed)
         except _NotReady as err:
             self._failed(rec, str(err), now)
             return None
@@ -453,7 +479,7 @@ class FolderWatcher:
                 reason,
             )
 
-    def _take(self, rec: _FileRecord) -> tuple[ParticleSet | None, bool]:
+    def _take(self, rec: _FileRecord, parsed) -> tuple[ParticleSet | None, bool]:
         """New complete rows of ``rec``; and whether every complete line was consumed.
 
         Raises
@@ -461,16 +487,11 @@ class FolderWatcher:
         _NotReady, ParticleFileError
             Nothing could be taken (the message says why).
         """
-        key = (rec.size, rec.mtime_ns, rec.offset, rec.skip_rows, rec.header_len)
-        if rec.cache_key == key and rec.cache is not None:
-            parsed = rec.cache
-        else:
-            rec.cache, rec.cache_key = None, ()
-            parsed = self._parse(rec)
-            if parsed is None:  # nothing new (or not a particle file)
-                rec.taken_size, rec.taken_mtime_ns = rec.size, rec.mtime_ns
-                return None, True
-            rec.cache, rec.cache_key = parsed, key
+        if isinstance(parsed, Exception):
+            raise parsed
+        if parsed is None:  # nothing new (or not a particle file)
+            rec.taken_size, rec.taken_mtime_ns = rec.size, rec.mtime_ns
+            return None, True
         n_rows = len(parsed.image_index)
         stacks, ok, reason = self._check_images(rec, parsed)
         n_ok = n_rows if ok.all() else int(np.argmin(ok))
@@ -491,13 +512,14 @@ class FolderWatcher:
         else:
             rec.skip_rows += n_ok
             rec.cache = _Parsed(
-                parsed.particles.subset(np.arange(n_ok, n_rows)),
+                parsed.particles,
                 parsed.stack_names,
                 parsed.stack_code[n_ok:],
                 parsed.image_index[n_ok:],
                 parsed.n_body_bytes,
+                parsed.row_indices[n_ok:],
             )
-            rec.cache_key = (rec.size, rec.mtime_ns, rec.offset, rec.skip_rows, rec.header_len)
+            rec.cache_key = _cache_key(rec)
             rec.status = "pending"
             rec.reason = reason
             complete = False
@@ -507,8 +529,84 @@ class FolderWatcher:
         return part, complete
 
     # -- parsing --------------------------------------------------------------------
-    def _parse(self, rec: _FileRecord) -> _Parsed | None:
-        """Parse the rows of ``rec`` not consumed yet (complete lines only)."""
+    def _parse_many(self, recs: list[_FileRecord]) -> dict[str, object]:
+        """Parse the new rows of each file: ``{name: _Parsed | None | Exception}``.
+
+        Appended text of STAR files with the same header (per-micrograph files of
+        one job) is parsed in one go: the fixed cost of a STAR parse, not the rows,
+        dominates for small files.
+        """
+        results: dict[str, object] = {}
+        groups: dict[bytes, list[tuple[_FileRecord, bytes, bytes]]] = {}
+        for rec in recs:
+            if rec.cache is not None and rec.cache_key == _cache_key(rec):
+                results[rec.name] = rec.cache
+                continue
+            rec.cache, rec.cache_key = None, ()
+            try:
+                got = self._read_new(rec)
+            except Exception as err:
+                results[rec.name] = err
+                continue
+            if isinstance(got, _Body):
+                key = _COMMENT_RE.sub(b"", got.header)  # writers stamp the time in comments
+                groups.setdefault(key, []).append((rec, got.header, got.body))
+            else:
+                results[rec.name] = got
+        for items in groups.values():
+            if len(items) > 1:
+                try:
+                    results.update(self._parse_batch(items[0][1], [(r, b) for r, _, b in items]))
+                    continue
+                except Exception:  # parse one by one, so the error names its file
+                    logger.debug("batch parse failed; parsing files one by one", exc_info=True)
+            for rec, header, body in items:
+                try:
+                    results[rec.name] = self._parse_text(rec, header + body, len(body))
+                except Exception as err:
+                    results[rec.name] = err
+        for rec in recs:
+            if isinstance(results[rec.name], _Parsed):
+                rec.cache, rec.cache_key = results[rec.name], _cache_key(rec)
+        return results
+
+    def _parse_batch(self, header: bytes, items: list[tuple[_FileRecord, bytes]]) -> dict:
+        """Parse the bodies of several files sharing ``header`` in one STAR parse."""
+        from napari_class2d.io.star import parse_image_names
+
+        counts = [len(_ROW_RE.findall(body)) for _, body in items]
+        ps = self._read_star_text(header + b"".join(body for _, body in items))
+        if ps is None or ps.n_particles != sum(counts):
+            raise ValueError("rows parsed do not match the data lines of the files")
+        image_index, stack_code, stack_names = parse_image_names(
+            Path(items[0][0].path), ps.metadata["rlnImageName"]
+        )
+        out: dict[str, _Parsed | None] = {}
+        start = 0
+        for (rec, body), n in zip(items, counts, strict=True):
+            rows = np.arange(start + min(rec.skip_rows, n), start + n)
+            start += n
+            if len(rows) == 0:
+                out[rec.name] = None
+                continue
+            used, code = np.unique(stack_code[rows], return_inverse=True)
+            out[rec.name] = _Parsed(
+                ps,
+                [stack_names[int(u)] for u in used],
+                code.astype(np.int64),
+                image_index[rows],
+                len(body),
+                rows,
+            )
+        return out
+
+    def _read_new(self, rec: _FileRecord):
+        """The text of ``rec`` not consumed yet (complete lines only).
+
+        Returns a :class:`_Body` (appended rows of an incremental STAR, parsed
+        later, possibly batched), a :class:`_Parsed` (other files, parsed
+        whole) or ``None`` (nothing new, or not a particle file).
+        """
         if not rec.path.lower().endswith(".star"):
             return self._parse_whole_other(rec)
         with open(rec.path, "rb") as f:
@@ -559,28 +657,36 @@ class FolderWatcher:
         rec.rows_consumed = 0
         rec.incremental = True
 
-    def _parse_body(self, rec: _FileRecord, header: bytes, body: bytes) -> _Parsed | None:
-        if not body.strip():
-            return None
-        return self._parse_text(rec, header + body, len(body))
+    def _parse_body(self, rec: _FileRecord, header: bytes, body: bytes) -> _Body | None:
+        return _Body(header, body) if body.strip() else None
 
-    def _parse_text(self, rec: _FileRecord, text: bytes, n_body_bytes: int) -> _Parsed | None:
-        from napari_class2d.io.star import parse_image_names, read_star
+    def _read_star_text(self, text: bytes) -> ParticleSet | None:
+        """Parse STAR text (stacks not resolved); ``None`` when it has no particle rows."""
+        from napari_class2d.io.star import read_star
 
         fd, tmp = tempfile.mkstemp(suffix=".star", dir=self._tmpdir)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(text)
             try:
-                ps = read_star(tmp, self.pixel_size_A, check_stacks_exist=False)
+                return read_star(tmp, self.pixel_size_A, check_stacks_exist=False)
             except ParticleFileError as err:
                 if "has no rows" in err.reason:
                     return None
-                raise ParticleFileError(
-                    rec.path, err.reason, row=err.row, column=err.column
-                ) from None
+                err.path = None  # the scratch file means nothing to the user
+                raise
         finally:
             os.unlink(tmp)
+
+    def _parse_text(self, rec: _FileRecord, text: bytes, n_body_bytes: int) -> _Parsed | None:
+        from napari_class2d.io.star import parse_image_names
+
+        try:
+            ps = self._read_star_text(text)
+        except ParticleFileError as err:
+            raise ParticleFileError(rec.path, err.reason, row=err.row, column=err.column) from None
+        if ps is None:
+            return None
         if rec.skip_rows:
             if rec.skip_rows >= ps.n_particles:
                 return None
@@ -683,7 +789,7 @@ class FolderWatcher:
     def _build(self, rec: _FileRecord, parsed: _Parsed, stacks: list, n: int) -> ParticleSet:
         """The first ``n`` parsed rows as a particle set with resolved, checked stacks."""
         ps = parsed.particles
-        rows = np.arange(n)
+        rows = parsed.row_indices[:n]
         code = parsed.stack_code[:n]
         used = np.unique(code)
         remap = np.full(len(stacks), -1, dtype=np.int64)
@@ -741,6 +847,46 @@ class FolderWatcher:
                 return None
             part = part.subset(np.flatnonzero(keep))
         return part
+
+
+def _join(parts: list[ParticleSet]) -> ParticleSet:
+    """Concatenate ``parts`` in order.
+
+    Runs of parts that share one optics table object (rows of files parsed
+    together) are stacked directly; :meth:`ParticleSet.concat` then merges the
+    optics tables of the few runs left.
+    """
+    runs: list[list[ParticleSet]] = []
+    for p in parts:
+        prev = runs[-1][0] if runs else None
+        if prev is not None and prev.optics is not None and p.optics is prev.optics:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    joined = []
+    for run in runs:
+        if len(run) == 1:
+            joined.append(run[0])
+            continue
+        paths = {str(p.source_path) for p in run}
+        joined.append(
+            ParticleSet(
+                pd.concat([p.metadata for p in run], ignore_index=True, sort=False),
+                ImageSource.concat([p.images for p in run]),
+                np.concatenate([p.pixel_size_A for p in run]),
+                run[0].box,
+                CTFParams.concat([p.ctf for p in run]) if run[0].ctf is not None else None,
+                run[0].optics,
+                np.concatenate([p.optics_group for p in run]),
+                run[0].source_path if len(paths) == 1 else None,
+                run[0].source_format,
+            )
+        )
+    return joined[0] if len(joined) == 1 else ParticleSet.concat(joined)
+
+
+def _cache_key(rec: _FileRecord) -> tuple:
+    return (rec.size, rec.mtime_ns, rec.offset, rec.skip_rows, rec.header_len)
 
 
 def _particle_header_end(text: bytes) -> int | None:
