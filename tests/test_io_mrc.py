@@ -145,7 +145,8 @@ def test_shared_mrcs_stacks(shared_data):
     ps = read_particles(shared_data / "real_particles/cryodrgn_relion31/relion31.mrcs")
     assert (ps.n_particles, ps.box) == (5, 256)
     relion31 = shared_data / "real_particles/cryodrgn_relion31/relion31.mrcs"
-    with mrcfile.open(relion31, permissive=True) as mrc:  # its map ID is not "MAP "
+    with pytest.warns(RuntimeWarning), mrcfile.open(relion31, permissive=True) as mrc:
+        # its map ID is not "MAP ": mrcfile warns, our reader accepts it
         expected = np.asarray(mrc.data[[4, 0]], dtype=np.float32)
     np.testing.assert_array_equal(ps.read_images([4, 0]), expected)
     # voxel size 0 in this header: the pixel size must be given

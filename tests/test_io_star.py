@@ -70,6 +70,13 @@ def test_relion30_pixel_size_from_detector_and_magnification(tmp_path):
     assert "rlnOriginX" in ps.metadata.columns  # RELION 1-3.0 origins (pixels) are kept
 
 
+def test_user_pixel_size_differing_from_the_file_warns_and_is_not_used(tmp_path):
+    star, _, _ = make_relion31(tmp_path)
+    with pytest.warns(UserWarning, match="is not used"):
+        ps = read_particles(star, pixel_size_A=3.0)
+    np.testing.assert_allclose(ps.pixel_size_A, 1.5)
+
+
 def test_relion30_image_pixel_size_and_user_fallback(tmp_path):
     write_stack(tmp_path / "stack.mrcs", 4, 16)
     block = relion30_block(4).drop(columns=["rlnMagnification", "rlnDetectorPixelSize"])

@@ -217,7 +217,7 @@ class ParticleSet:
         The file the set was read from (``None`` for in-memory sets).
     source_format
         One of ``"relion3.0"``, ``"relion3.1"``, ``"cryosparc"``, ``"mrcs"``,
-        ``"memory"``.
+        ``"memory"``, or ``"mixed"`` (from :meth:`concat` of different formats).
     """
 
     def __init__(
