@@ -400,14 +400,24 @@ class FolderWatcher:
         seen.add((key.st_dev, key.st_ino))
         with os.scandir(folder) as it:
             entries = list(it)
+        suffixes, exclude = self.suffixes, self.exclude
         for entry in entries:
-            if is_temp_name(entry.name) or self._excluded(entry.path):
+            name = entry.name
+            if name.startswith("."):
                 continue
             try:
                 if entry.is_dir():
-                    self._walk(entry.path, prefix + entry.name + "/", out, seen)
-                elif entry.name.lower().endswith(self.suffixes) and entry.is_file():
-                    out.append((prefix + entry.name, entry.path, entry.stat()))
+                    if not is_temp_name(name) and not (exclude and self._excluded(entry.path)):
+                        self._walk(entry.path, prefix + name + "/", out, seen)
+                    continue
+                lower = name.lower()
+                if (
+                    lower.endswith(suffixes)
+                    and not lower.endswith(TEMP_SUFFIXES)
+                    and not (exclude and self._excluded(entry.path))
+                    and entry.is_file()
+                ):
+                    out.append((prefix + name, entry.path, entry.stat()))
             except OSError:  # vanished between listing and stat
                 continue
 
