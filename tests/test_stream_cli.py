@@ -81,6 +81,23 @@ def test_stream_cli_end_to_end(tmp_path, capsys):
     check_outputs(out, 240)
 
 
+def test_stream_options_reach_the_job_config(tmp_path):
+    from napari_class2d.cli import build_parser
+    from napari_class2d.cli.stream import stream_config
+
+    args = build_parser().parse_args(
+        ["stream", str(tmp_path), "--out", str(tmp_path / "o"), "--classes", "7",
+         "--start-after", "123", "--full-every", "456", "--mode", "incremental",
+         "--full-pass-every", "3", "--max-res", "9", "--ctf", "flip"]
+    )  # fmt: skip
+    config = stream_config(args)
+    assert (config.n_classes, config.max_res_A, config.ctf_correction) == (7, 9.0, "flip")
+    assert config.warmup_particles == 123 and config.full_iteration_trigger == 456
+    assert config.stream_mode == "incremental" and config.full_pass_every_n_updates == 3
+    default = stream_config(build_parser().parse_args(["stream", "d", "--out", "o"]))
+    assert default.stream_mode == "full" and default.start_after_n_particles is None
+
+
 def test_stream_refuses_existing_outputs_without_resume(tmp_path, capsys):
     watch, out = tmp_path / "watch", tmp_path / "out"
     write_micrograph(watch, "mic000", 0, 40)

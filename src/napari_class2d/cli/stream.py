@@ -92,6 +92,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "incremental updates on the new particles with a full pass every few updates",
     )
     stream.add_argument(
+        "--full-pass-every",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="--mode incremental: a full pass over all particles every N updates (default 5)",
+    )
+    stream.add_argument(
         "--stable-seconds",
         type=_nonneg_float,
         default=0.0,
@@ -123,6 +130,28 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     _add(parser, "--overwrite", action="store_true", help="replace outputs already in --out")
     add_config_args(parser)
+
+
+def stream_config(args: argparse.Namespace):
+    """The job configuration: the classify options plus the streaming ones.
+
+    Raises
+    ------
+    ConfigError
+        An invalid value (the message names the parameter).
+    """
+    from napari_class2d.cli._config_args import config_from_args
+
+    extra = {}
+    if args.start_after is not None:
+        extra["start_after_n_particles"] = args.start_after
+    if args.full_every is not None:
+        extra["full_iteration_every_n_new"] = args.full_every
+    if args.mode is not None:
+        extra["stream_mode"] = args.mode
+    if args.full_pass_every is not None:
+        extra["full_pass_every_n_updates"] = args.full_pass_every
+    return config_from_args(args, **extra)
 
 
 def _status(snap, started: float) -> str:
@@ -158,22 +187,14 @@ def _resume_hint(args) -> str:
 def main(args: argparse.Namespace) -> int:
     import logging
 
-    from napari_class2d.cli._config_args import config_from_args
     from napari_class2d.engine.config import ConfigError
     from napari_class2d.engine.job import Class2DJob
     from napari_class2d.stream.watcher import FolderWatcher
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     out = sys.stdout
-    extra = {}
-    if args.start_after is not None:
-        extra["start_after_n_particles"] = args.start_after
-    if args.full_every is not None:
-        extra["full_iteration_every_n_new"] = args.full_every
-    if args.mode is not None:
-        extra["stream_mode"] = args.mode
     try:
-        config = config_from_args(args, **extra)
+        config = stream_config(args)
     except ConfigError as err:
         print(f"napari-class2d stream: error: {err}", file=sys.stderr)
         return 2
