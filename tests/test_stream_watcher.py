@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import starfile
 
+from napari_class2d.io.particles import ParticleSet
 from napari_class2d.stream.watcher import FolderWatcher, is_temp_name
 
 BOX = 32
@@ -381,3 +382,45 @@ def test_poll_is_cheap_for_many_taken_files(tmp_path):
     per_poll = (time.perf_counter() - t0) / 5
     assert per_poll < 0.05, f"{per_poll * 1e3:.1f} ms per poll of 60 taken files"
     assert os.listdir(watcher._tmpdir) == []
+
+
+@pytest.fixture(scope="module")
+def small_simulation(tmp_path_factory):
+    from napari_class2d.sim.simulate import simulate_dataset
+
+    out = tmp_path_factory.mktemp("sim")
+    simulate_dataset(
+        out, n_particles=120, box=32, pixel_size_A=4.0, n_views=3, rare_views=0,
+        n_micrographs=4, seed=3,
+    )  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("atomic", [False, True])
+def test_simulated_feed_every_particle_exactly_once(small_simulation, tmp_path, atomic):
+    """`simulate --stream-into`: stacks grow under their final name (atomic=False)."""
+    from napari_class2d.io.readers import read_particles
+    from napari_class2d.sim.simulate import stream_into
+
+    watch = tmp_path / "incoming"
+    watcher = FolderWatcher(watch.parent)  # the feeder creates the folder inside
+    feeder = threading.Thread(
+        target=stream_into, args=(small_simulation, watch, 600.0), kwargs={"atomic": atomic}
+    )
+    parts = []
+    feeder.start()
+    while feeder.is_alive():
+        parts.append(watcher.poll())
+        time.sleep(0.005)
+    feeder.join()
+    parts.append(watcher.poll())
+    got = ParticleSet.concat([p for p in parts if p is not None])
+    truth = read_particles(small_simulation / "particles.star")
+    assert got.n_particles == truth.n_particles == 120
+    names = got.metadata["rlnImageName"].str.replace(r"@.*/", "@", regex=True)
+    assert sorted(names) == sorted(
+        truth.metadata["rlnImageName"].str.replace(r"@.*/", "@", regex=True)
+    )
+    # same images, in the same (micrograph) order
+    np.testing.assert_array_equal(got.read_images(), truth.read_images())
+    assert not watcher.broken_files and watcher.pending_files == []
