@@ -129,3 +129,16 @@ def click(widget):
     from qtpy.QtTest import QTest
 
     QTest.mouseClick(widget, Qt.MouseButton.LeftButton)
+
+
+def test_sample_data_opens_simulated_particles(make_napari_viewer):
+    from napari_class2d._reader import META_PARTICLES
+
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open_sample("napari-class2d", "simulated_particles")
+    particles = layer.metadata[META_PARTICLES]
+    assert layer.data.shape == (particles.n_particles, particles.box, particles.box)
+    assert particles.n_particles == 600 and particles.source_path.is_file()
+    # the job widget offers the sample as input
+    w = _dock(viewer, "2D Classification")
+    assert layer.name in w.layer_choice.choices

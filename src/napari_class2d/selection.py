@@ -242,7 +242,8 @@ def load_result(result: str | Path, project_dir: str | Path | None = None) -> Cl
         return np.full(n_classes, default, dtype=np.float64)
 
     resolution = model_column("rlnEstimatedResolution", np.inf)
-    resolution[~np.isfinite(resolution) | (resolution <= 0)] = np.inf
+    # RELION writes 999 Å for "not determined"
+    resolution[~np.isfinite(resolution) | (resolution <= 0) | (resolution >= 999)] = np.inf
     eca = np.full(n_classes, np.nan)
     for name in ECA_COLUMNS:
         if model is not None and name in model:

@@ -337,7 +337,7 @@ class Class2DJobWidget(QWidget):
         self.last_out_dir = out_dir
         if self.plots is None:
             self.plots = ClassHistoryPlot()
-            self.viewer.window.add_dock_widget(self.plots, name=PLOTS_NAME, area="right")
+            self.viewer.window.add_dock_widget(self.plots, name=PLOTS_NAME, area="bottom")
         if not resume:
             self.plots.clear()
         total = config.n_online_em_iterations + config.n_final_full_iterations

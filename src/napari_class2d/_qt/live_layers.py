@@ -108,6 +108,8 @@ class LiveLayers:
             if layer is not None:
                 self.viewer.layers.remove(layer)
             self.viewer.add_image(avg, name=AVERAGES, translate=(0.0, *stack_offset))
+            # show class 1 (the slider may sit on a particle index beyond K)
+            self.viewer.dims.set_current_step(0, 0)
         else:
             layer.data = avg
             layer.reset_contrast_limits()

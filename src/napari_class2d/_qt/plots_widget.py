@@ -15,13 +15,13 @@ class ClassHistoryPlot(QWidget):
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        self.figure = Figure(figsize=(4, 4.5), layout="constrained")
+        self.figure = Figure(figsize=(8, 2.6), layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.ax_dist, self.ax_res = self.figure.subplots(2, 1, sharex=True)
+        self.ax_dist, self.ax_res = self.figure.subplots(1, 2)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.canvas)
-        self.setMinimumHeight(320)
+        self.setMinimumHeight(220)
         self.clear()
 
     def clear(self) -> None:
@@ -48,6 +48,7 @@ class ClassHistoryPlot(QWidget):
         ax2.clear()
         ax1.set_ylabel("class distribution")
         ax2.set_ylabel("resolution (Å)")
+        ax1.set_xlabel("iteration")
         ax2.set_xlabel("iteration")
         if self.iterations:
             x = np.asarray(self.iterations)

@@ -25,6 +25,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QScrollArea,
+    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -87,6 +88,7 @@ class ClassTile(QFrame):
         layout.addWidget(self.image)
         layout.addWidget(self.caption)
         self.setToolTip(caption.replace("\n", ", ") + "\nclick: keep / reject")
+        self.setSizePolicy(QSizePolicy.Policy.Fixed, QSizePolicy.Policy.Fixed)
         self.set_kept(True)
 
     def set_kept(self, kept: bool) -> None:
@@ -105,7 +107,7 @@ class ClassTile(QFrame):
 class ClassSelectionWidget(QWidget):
     """Gallery of a result's classes with keep/reject state and Export."""
 
-    def __init__(self, napari_viewer=None, thumb_size: int = 96):
+    def __init__(self, napari_viewer=None, thumb_size: int = 88):
         super().__init__()
         self.viewer = napari_viewer
         self.thumb_size = thumb_size
@@ -133,7 +135,7 @@ class ClassSelectionWidget(QWidget):
         row.addWidget(QLabel("columns"))
         self.columns = QSpinBox()
         self.columns.setRange(1, 20)
-        self.columns.setValue(4)
+        self.columns.setValue(3)
         self.columns.valueChanged.connect(self._rebuild_grid)
         row.addWidget(self.columns)
         row.addStretch(1)
@@ -169,6 +171,7 @@ class ClassSelectionWidget(QWidget):
         self.grid_host = QWidget()
         self.grid = QGridLayout(self.grid_host)
         self.grid.setSpacing(4)
+        self.grid.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
         self.scroll.setWidget(self.grid_host)
         layout.addWidget(self.scroll, 1)
 
@@ -227,6 +230,9 @@ class ClassSelectionWidget(QWidget):
         while self.grid.count():
             item = self.grid.takeAt(0)
             if item.widget() is not None:
+                # detach now: deferred deletion waits for the event loop to return
+                item.widget().hide()
+                item.widget().setParent(None)
                 item.widget().deleteLater()
         self.tiles = {}
         if self.result is None:
