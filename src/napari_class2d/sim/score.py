@@ -117,6 +117,33 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return x / x.flatten(-2).norm(dim=-1).clamp_min(1e-12)[..., None, None]
 
 
+def _subpixel_peak(cc: torch.Tensor, allowed: torch.Tensor):
+    """Peak of ``(..., D, D)`` cross-correlation maps, refined by parabolas along x and y.
+
+    Returns the interpolated peak height and the peak position ``(x, y)`` in
+    signed pixels (FFT index order: index ``i`` is shift ``i`` or ``i - D``).
+    """
+    box = cc.shape[-1]
+    lead = cc.shape[:-2]
+    m = cc.masked_fill(~allowed, -2.0).reshape(-1, box, box)
+    best, where = m.flatten(1).max(dim=1)
+    iy, ix = where // box, where % box
+    k = torch.arange(m.shape[0])
+
+    def vertex(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
+        den = a - 2 * b + c
+        ok = den < -1e-12
+        off = torch.where(ok, 0.5 * (a - c) / torch.where(ok, den, -1.0), 0.0).clamp(-0.5, 0.5)
+        gain = torch.where(ok, -0.125 * (a - c) ** 2 / torch.where(ok, den, -1.0), 0.0)
+        return off, gain
+
+    dx, gx = vertex(m[k, iy, (ix - 1) % box], best, m[k, iy, (ix + 1) % box])
+    dy, gy = vertex(m[k, (iy - 1) % box, ix], best, m[k, (iy + 1) % box, ix])
+    r = torch.fft.fftfreq(box) * box
+    height = (best + gx + gy).reshape(lead)
+    return height, (r[ix] + dx).reshape(lead), (r[iy] + dy).reshape(lead)
+
+
 def align_to_views(
     classes: torch.Tensor,
     views: torch.Tensor,
@@ -125,12 +152,16 @@ def align_to_views(
     band_A: tuple[float, float] = (40.0, 8.0),
     rotation_step_deg: float = 2.0,
     max_shift_px: float | None = None,
+    refine_steps: int = 4,
 ) -> dict:
     """Best rotation and shift taking each view's projection onto each class average.
 
     For class ``c`` and view ``v`` finds ``psi, s`` maximising the correlation of
     ``class_c`` with ``rotate_and_shift(view_v, psi, s)`` (band-passed, masked),
-    i.e. ``class_c(x) ~ view_v(R(psi)(x - s))``. No mirroring.
+    i.e. ``class_c(x) ~ view_v(R(psi)(x - s))``. No mirroring. A coarse pass
+    tries every ``rotation_step_deg`` with all shifts (FFT cross-correlation);
+    a refinement then tries ``2 refine_steps + 1`` angles spanning one coarse
+    step either side of the best, scoring each by its sub-pixel peak height.
 
     Returns
     -------
@@ -142,51 +173,60 @@ def align_to_views(
     V = views.shape[0]
     hi = max(band_A[1], 2.2 * pixel_size_A)
     lo = band_A[0] if band_A[0] < box * pixel_size_A else None
-    cls = _normalise(bandpass(classes * mask, pixel_size_A, lo, hi) * mask)
+
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.rfftn(
+            _normalise(bandpass(x * mask, pixel_size_A, lo, hi) * mask), dim=(-2, -1)
+        )
+
     if max_shift_px is None:
         max_shift_px = 0.25 * box
-    angles = torch.arange(0.0, 360.0, rotation_step_deg)
-    R = len(angles)
     r = torch.fft.fftfreq(box) * box  # signed shift of each FFT index
     allowed = (r[:, None] ** 2 + r[None, :] ** 2) <= max_shift_px**2
-    F_cls = torch.fft.rfftn(cls, dim=(-2, -1))  # (K, D, D//2+1)
-    score = torch.full((K, V), -1.0)
-    psi = torch.zeros((K, V))
-    shift = torch.zeros((K, V, 2))
+    F_cls = prepare(classes)  # (K, D, D//2+1)
     up = fourier_upsample(views, 2)
+
+    # coarse: every angle, integer shifts
+    angles = torch.arange(0.0, 360.0, rotation_step_deg)
+    R = len(angles)
+    coarse = torch.zeros((K, V), dtype=torch.long)
     for v in range(V):  # a handful of views, each all rotations x all classes at once
-        rot = rotate_upsampled(up, angles, box, index=torch.full((R,), v))
-        rot = _normalise(bandpass(rot * mask, pixel_size_A, lo, hi) * mask)
-        F_rot = torch.fft.rfftn(rot, dim=(-2, -1))  # (R, D, D//2+1)
+        F_rot = prepare(rotate_upsampled(up, angles, box, index=torch.full((R,), v)))
         for c0 in range(0, K, 16):
             cc = torch.fft.irfftn(
                 F_cls[c0 : c0 + 16, None] * F_rot[None].conj(), dim=(-2, -1), s=(box, box)
             )  # (k, R, D, D): cc[s] = sum_x cls(x) rot(x - s)
             cc = cc.masked_fill(~allowed, -2.0)
-            flat = cc.flatten(1)
-            best, where = flat.max(dim=1)
-            ri = where // (box * box)
-            pix = where % (box * box)
-            iy, ix = pix // box, pix % box
-            # sub-pixel peak: a parabola through the peak and its neighbours along x and y
-            peak_map = cc[torch.arange(len(ri)), ri]  # (k, D, D)
-            k_idx = torch.arange(len(ri))
+            coarse[c0 : c0 + 16, v] = cc.flatten(2).max(dim=2).values.argmax(dim=1)
 
-            def at(dy: int, dx: int, _m=peak_map, _k=k_idx, _y=iy, _x=ix) -> torch.Tensor:
-                return _m[_k, (_y + dy) % box, (_x + dx) % box]
-
-            def vertex(minus: torch.Tensor, mid: torch.Tensor, plus: torch.Tensor):
-                den = minus - 2 * mid + plus
-                off = torch.where(den < 0, 0.5 * (minus - plus) / den.clamp(max=-1e-12), 0.0)
-                return off.clamp(-0.5, 0.5)
-
-            dx = vertex(at(0, -1), best, at(0, 1))
-            dy = vertex(at(-1, 0), best, at(1, 0))
-            score[c0 : c0 + 16, v] = best
-            psi[c0 : c0 + 16, v] = angles[ri]
-            shift[c0 : c0 + 16, v, 0] = (r[ix] + dx) * pixel_size_A
-            shift[c0 : c0 + 16, v, 1] = (r[iy] + dy) * pixel_size_A
-    return {"score": score, "psi_deg": psi, "shift_A": shift}
+    # refine: angles around the coarse best of each (class, view), sub-pixel peak heights
+    offsets = torch.linspace(-rotation_step_deg, rotation_step_deg, 2 * refine_steps + 1)
+    J = len(offsets)
+    score = torch.empty(K * V)
+    psi = torch.empty(K * V)
+    shift = torch.empty(K * V, 2)
+    pair_c = torch.arange(K).repeat_interleave(V)
+    pair_v = torch.arange(V).repeat(K)
+    base = angles[coarse.reshape(-1)]
+    for p0 in range(0, K * V, 64):
+        pc, pv = pair_c[p0 : p0 + 64], pair_v[p0 : p0 + 64]
+        n = len(pc)
+        ang = (base[p0 : p0 + 64, None] + offsets[None]).reshape(-1)
+        F_rot = prepare(rotate_upsampled(up, ang, box, index=pv.repeat_interleave(J)))
+        F_rot = F_rot.reshape(n, J, box, box // 2 + 1)
+        cc = torch.fft.irfftn(F_cls[pc][:, None] * F_rot.conj(), dim=(-2, -1), s=(box, box))
+        height, sx, sy = _subpixel_peak(cc, allowed)  # (n, J)
+        best, j = height.max(dim=1)
+        k = torch.arange(n)
+        score[p0 : p0 + n] = best
+        psi[p0 : p0 + n] = ang.reshape(n, J)[k, j] % 360.0
+        shift[p0 : p0 + n, 0] = sx[k, j] * pixel_size_A
+        shift[p0 : p0 + n, 1] = sy[k, j] * pixel_size_A
+    return {
+        "score": score.reshape(K, V),
+        "psi_deg": psi.reshape(K, V),
+        "shift_A": shift.reshape(K, V, 2),
+    }
 
 
 def score_classification(
