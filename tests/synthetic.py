@@ -13,15 +13,15 @@ from napari_class2d.io.particles import CTFParams, ParticleSet
 
 
 def blob_views(n_views: int, box: int, seed: int = 1) -> np.ndarray:
-    """Distinct asymmetric 2D 'views': sums of 3-5 Gaussian blobs inside 60 % of the box."""
+    """Distinct asymmetric 2D 'views': sums of 3-5 Gaussian blobs inside about 45 % of the box."""
     rng = np.random.default_rng(seed)
     c = np.arange(box) - box // 2
     y, x = np.meshgrid(c, c, indexing="ij")
     views = np.zeros((n_views, box, box), np.float32)
     for v in range(n_views):
         for _ in range(rng.integers(3, 6)):
-            cx, cy = rng.uniform(-0.22, 0.22, 2) * box
-            sx, sy = rng.uniform(0.04, 0.1, 2) * box
+            cx, cy = rng.uniform(-0.15, 0.15, 2) * box
+            sx, sy = rng.uniform(0.03, 0.07, 2) * box
             a = rng.uniform(0, math.pi)
             xr = (x - cx) * math.cos(a) + (y - cy) * math.sin(a)
             yr = -(x - cx) * math.sin(a) + (y - cy) * math.cos(a)

@@ -84,6 +84,26 @@ class FourierGrid:
             self.radius.to(device), self.ring.to(device),
         )
 
+    def quarter_turn(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index and conjugation flags giving ``T(R_{-90°} f)`` from ``T`` on this grid.
+
+        For a transform ``T`` over the kept frequencies, ``T[..., perm]`` conjugated
+        where ``conj`` is the transform of the image turned by a further +90°.
+        """
+        gx, gy = self.ky, -self.kx  # R_{-90} f
+        lookup = {(int(x), int(y)): i for i, (x, y) in
+                  enumerate(zip(self.kx.tolist(), self.ky.tolist(), strict=True))}
+        perm, conj = [], []
+        for x, y in zip(gx.tolist(), gy.tolist(), strict=True):  # once per grid, not per image
+            if (int(x), int(y)) in lookup:
+                perm.append(lookup[(int(x), int(y))])
+                conj.append(False)
+            else:
+                perm.append(lookup[(-int(x), -int(y))])
+                conj.append(True)
+        dev = self.kx.device
+        return torch.tensor(perm, device=dev), torch.tensor(conj, device=dev)
+
     def subset(self, mask: torch.Tensor) -> FourierGrid:
         """The coefficients selected by ``mask`` as a grid of their own (same box)."""
         return FourierGrid(self.box, self.kx[mask], self.ky[mask], self.rows[mask],
@@ -182,6 +202,18 @@ def rotated_coefficients(images: torch.Tensor, angles_deg: torch.Tensor, grid: F
     torch.Tensor
         Complex ``(K, R, F)``.
     """
+    angles_deg = angles_deg.float()
+    n = angles_deg.numel()
+    if n % 4 == 0 and torch.allclose(angles_deg[n // 4:n // 2] - angles_deg[:n // 4],
+                                     torch.full((n // 4,), 90.0, device=angles_deg.device)):
+        # a quarter turn permutes the kept frequencies: interpolate one quadrant only
+        base = rotated_coefficients(images, angles_deg[:n // 4], grid, pad)
+        perm, conj = grid.quarter_turn()
+        parts = [base]
+        for _ in range(3):
+            nxt = parts[-1][..., perm]
+            parts.append(torch.where(conj, nxt.conj(), nxt))
+        return torch.cat(parts, 1)
     k, d = images.shape[0], images.shape[-1]
     big = d * pad
     lo = (big - d) // 2

@@ -136,11 +136,15 @@ class Class2DModel:
         return c if mode == "full" else torch.sign(c)
 
     def _chunk(self, pool: ParticlePool) -> int:
-        k, f = self.config.n_classes, self.grid.n
+        """Particles per E-step chunk: within the memory budget and small enough that the
+        temporaries (a few MB each) are reused by the allocator instead of page-faulted in."""
+        k, f = self.config.n_classes, int(self.space.align_band.sum())
         t = self.space.coarse_shifts.shape[0]
-        n, j = self.space.n_refine, self.space.refine_offsets.numel()
-        per_particle = 8 * f * (3 * k + 3 * n * (j + 9)) + 4 * k * t * self.space.n_coarse * 2
-        return pool.chunk_size_for(per_particle, self.config.memory_budget_GB)
+        n1, n, j = self.space.n_candidates, self.space.n_refine, self.space.refine_offsets.numel()
+        per_particle = 8 * f * (4 + 3 * n1 + 2 * n * (j + 9)) + 8 * k * t * self.space.n_coarse
+        fits = pool.chunk_size_for(per_particle, self.config.memory_budget_GB)
+        cache_friendly = max(8, int(24e6 // per_particle))
+        return max(1, min(fits, cache_friendly if self.device.type == "cpu" else fits))
 
     # -- initialisation ----------------------------------------------------------------
     def initialise(self, pool: ParticlePool, indices: np.ndarray, rng: np.random.Generator
@@ -282,7 +286,9 @@ class Class2DModel:
         mode = self.config.ctf_correction
         half = torch.from_numpy(pool.half[indices])
         rows, cols = torch.nonzero(weights > 0, as_tuple=True)
-        chunk = max(64, pool.chunk_size_for(4 * g.box * g.box * 12, self.config.memory_budget_GB))
+        chunk = pool.chunk_size_for(4 * g.box * g.box * 16, self.config.memory_budget_GB)
+        if self.device.type == "cpu":
+            chunk = min(chunk, 128)
         for s in range(0, rows.numel(), chunk):
             r, c = rows[s:s + chunk], cols[s:s + chunk]
             pidx = indices[r.numpy()]

@@ -43,6 +43,8 @@ class SearchSpace:
         Boolean masks over the kept frequencies.
     n_refine
         Classes refined per particle.
+    n_candidates
+        Classes scored over the full alignment band per particle.
     """
 
     fine_angles_deg: torch.Tensor
@@ -52,6 +54,7 @@ class SearchSpace:
     coarse_band: torch.Tensor
     align_band: torch.Tensor
     n_refine: int
+    n_candidates: int
 
     @property
     def coarse_in_align(self) -> torch.Tensor:
@@ -97,7 +100,8 @@ class SearchSpace:
             coarse_shifts=shifts.to(device),
             coarse_band=coarse.to(device),
             align_band=align.to(device),
-            n_refine=min(n_classes, 5),
+            n_refine=min(n_classes, 3),
+            n_candidates=min(n_classes, 10),
         )
 
 
@@ -128,27 +132,36 @@ class SearchResult:
 
 
 _NEIGHBOURS = torch.tensor([[dx, dy] for dy in (-1, 0, 1) for dx in (-1, 0, 1)],
-                           dtype=torch.long)
+                           dtype=torch.float32)
 
 
 class PhaseTable:
-    """``exp(+2πi f·t/D)`` for every integer shift ``|tx|, |ty| <= radius`` (a lookup, not sin/cos)."""
+    """``exp(+2πi f·t/D)`` for shifts on a ``step``-pixel grid within ``radius`` pixels.
 
-    def __init__(self, grid: FourierGrid, radius: int, device: torch.device):
-        self.radius = radius
-        g = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    A lookup replaces sin/cos of every (particle, class, shift, frequency).
+    """
+
+    def __init__(self, grid: FourierGrid, radius: int, device: torch.device, step: float = 0.5):
+        self.step = step
+        self.radius = int(round(radius / step))
+        g = torch.arange(-self.radius, self.radius + 1, device=device, dtype=torch.float32) * step
         sx, sy = torch.meshgrid(g, g, indexing="xy")
         shifts = torch.stack((sx.flatten(), sy.flatten()), 1)
         self.table = grid.shift_phase(shifts, +1.0)  # ((2r+1)², F)
-        self.width = 2 * radius + 1
+        self.width = 2 * self.radius + 1
 
     def index(self, shifts: torch.Tensor) -> torch.Tensor:
-        """Row of the table for integer shifts ``(..., 2)``."""
-        s = shifts.long().clamp(-self.radius, self.radius) + self.radius
+        """Row of the table for shifts ``(..., 2)`` in pixels (rounded to the step)."""
+        s = torch.round(shifts / self.step).long().clamp(-self.radius, self.radius) + self.radius
         return s[..., 1] * self.width + s[..., 0]
 
     def __call__(self, shifts: torch.Tensor) -> torch.Tensor:
         return self.table[self.index(shifts)]
+
+
+def _real(z: torch.Tensor) -> torch.Tensor:
+    """Interleaved real view ``(..., 2F)`` of complex ``(..., F)`` (no copy when contiguous)."""
+    return torch.view_as_real(z).flatten(-2)
 
 
 def _cross(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -156,21 +169,19 @@ def _cross(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
     ``p``: ``(G, M, F)`` complex, ``t``: ``(G, Q, F)`` complex -> ``(G, M, Q)``.
     """
-    pr = torch.cat((p.real, p.imag), -1)
-    tr = torch.cat((t.real, t.imag), -1)
-    return torch.bmm(pr, tr.transpose(1, 2))
+    return torch.bmm(_real(p.contiguous()), _real(t.contiguous()).transpose(1, 2))
 
 
 def _norm(wc2: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``Σ_f wc2·|t|²``; ``wc2``: ``(G, F)``, ``t``: ``(G, Q, F)`` -> ``(G, Q)``."""
-    power = t.real**2 + t.imag**2
+    power = torch.view_as_real(t).square().sum(-1)
     return torch.bmm(power, wc2[:, :, None])[..., 0]
 
 
 def search(x: torch.Tensor, ctf: torch.Tensor, weight: torch.Tensor, table: torch.Tensor,
            space: SearchSpace, grid: FourierGrid, force_max: bool, annealing: float,
            phases: PhaseTable) -> SearchResult:
-    """Score every class for a chunk of particles.
+    """Score the classes for a chunk of particles.
 
     Parameters
     ----------
@@ -189,6 +200,9 @@ def search(x: torch.Tensor, ctf: torch.Tensor, weight: torch.Tensor, table: torc
         Temperature used for the pose posterior in marginalisation.
     phases
         Shift phases on the alignment band.
+
+    Classes outside the ``n_candidates`` best by coarse score get ``-inf``
+    (posterior 0): at the coarse resolution they already fit far worse.
     """
     b = x.shape[0]
     k, n_fine, _ = table.shape
@@ -197,63 +211,75 @@ def search(x: torch.Tensor, ctf: torch.Tensor, weight: torch.Tensor, table: torc
     wx = (x * ctf * weight)[:, band]
     wc2 = (ctf * ctf * weight)[:, band]
     cb = space.coarse_in_align
+    dev = x.device
 
     # 1. coarse: every class, coarse rotations and shifts, one matrix product
     tc = table[:, ::stride][:, :, cb]  # (K, Rc, Fc)
-    tc_real = torch.cat((tc.real, tc.imag), -1).reshape(k * n_coarse, -1).T  # (2Fc, K·Rc)
-    tc_pow = (tc.real**2 + tc.imag**2).reshape(k * n_coarse, -1).T  # (Fc, K·Rc)
-    shift_rows = phases.index(space.coarse_shifts)
-    shifted = wx[:, None, cb] * phases.table[shift_rows][:, cb][None]  # (B, T, Fc)
+    tc_real = _real(tc).reshape(k * n_coarse, -1).T  # (2Fc, K·Rc)
+    tc_pow = torch.view_as_real(tc).square().sum(-1).reshape(k * n_coarse, -1).T
+    shifted = wx[:, None, cb] * phases.table[phases.index(space.coarse_shifts)][:, cb][None]
     n_t = shifted.shape[1]
-    p_real = torch.cat((shifted.real, shifted.imag), -1).reshape(b * n_t, -1)
-    s1 = 2.0 * (p_real @ tc_real).reshape(b, n_t, k, n_coarse)
+    s1 = 2.0 * (_real(shifted).reshape(b * n_t, -1) @ tc_real).reshape(b, n_t, k, n_coarse)
     s1 = s1 - (wc2[:, cb] @ tc_pow).reshape(b, 1, k, n_coarse)
-    best = s1.permute(0, 2, 1, 3).reshape(b, k, n_t * n_coarse).argmax(-1)  # (B, K)
-    t_idx, r_idx = best // n_coarse, best % n_coarse
-    del s1, shifted, p_real
+    s1 = s1.permute(0, 2, 1, 3).reshape(b, k, n_t * n_coarse)
+    coarse_score, best = s1.max(-1)  # (B, K)
+    del s1, shifted
 
-    # 2. full alignment band at each class's coarse pose (all coarse shifts via one bmm)
-    rot = r_idx * stride  # fine index, (B, K)
+    # 2. full alignment band at the coarse pose of the best candidate classes
+    n1 = space.n_candidates
+    cand = coarse_score.topk(n1, dim=1).indices  # (B, N1)
+    best = best.gather(1, cand)
+    rot = (best % n_coarse) * stride  # fine rotation index (B, N1)
+    shift = space.coarse_shifts[best // n_coarse]  # (B, N1, 2)
     flat = table.reshape(k * n_fine, -1)
-    kk = torch.arange(k, device=x.device)[None, :].expand(b, k)
-    g = flat[kk * n_fine + rot]  # (B, K, Fa)
-    p_all = wx[:, None, :] * phases.table[shift_rows][None]  # (B, T, Fa)
-    cross = _cross(g, p_all)  # (B, K, T)
-    s2 = 2.0 * cross.gather(2, t_idx[..., None])[..., 0] - _norm(wc2, g)  # (B, K)
-    shift = space.coarse_shifts[t_idx]  # (B, K, 2)
-    del g, cross
+    g = flat[cand * n_fine + rot].reshape(b * n1, 1, -1)  # (B·N1, 1, Fa)
+    p = (wx[:, None, :] * phases(shift)).reshape(b * n1, 1, -1)
+    wc2_1 = wc2.repeat_interleave(n1, 0)
+    s2 = (2.0 * _cross(p, g)[:, 0, 0] - _norm(wc2_1, g)[:, 0]).reshape(b, n1)
+    del g, p
 
-    # 3. refine the best classes: rotations, then shifts
+    # 3. refine the best classes locally: rotations, 1-px shifts, 0.5-px shifts, rotations
     n = space.n_refine
-    top = s2.topk(n, dim=1).indices  # (B, N)
-    rot_top = rot.gather(1, top)
-    sh_top = shift.gather(1, top[..., None].expand(b, n, 2))
-    offs = space.refine_offsets
-    rots = (rot_top[..., None] + offs) % n_fine  # (B, N, J)
-    j = offs.numel()
-    g = flat[top[..., None] * n_fine + rots].reshape(b * n, j, -1)  # (B·N, J, Fa)
-    p_top = (wx[:, None, :] * phases(sh_top)).reshape(b * n, 1, -1)  # (B·N, 1, Fa)
-    wc2_rep = wc2.repeat_interleave(n, 0)
-    s_rot = (2.0 * _cross(p_top, g)[:, 0] - _norm(wc2_rep, g)).reshape(b, n, j)
-    s_here = s2.gather(1, top)
-    all_rot = torch.cat((s_here[..., None], s_rot), -1)  # (B, N, 1+J)
-    j_best = all_rot.argmax(-1)
-    rot_best = torch.where(j_best == 0, rot_top,
-                           rots.gather(2, (j_best - 1).clamp(min=0)[..., None])[..., 0])
-    del g
-    g = flat[top * n_fine + rot_best].reshape(b * n, 1, -1)  # (B·N, 1, Fa)
-    cand = sh_top[:, :, None, :] + _NEIGHBOURS.to(x.device)  # (B, N, 9, 2)
-    p_nb = (wx[:, None, None, :] * phases(cand)).reshape(b * n, 9, -1)
-    s_sh = (2.0 * _cross(p_nb, g)[..., 0] - _norm(wc2_rep, g)).reshape(b, n, 9)
-    i_best = s_sh.argmax(-1)
-    shift_best = cand.gather(2, i_best[..., None, None].expand(b, n, 1, 2))[:, :, 0]
-    pose_scores = torch.cat((all_rot, s_sh), -1)
+    order = s2.topk(n, dim=1).indices  # positions within the candidates
+    top = cand.gather(1, order)
+    rot_b = rot.gather(1, order)
+    sh_b = shift.gather(1, order[..., None].expand(b, n, 2))
+    score_b = s2.gather(1, order)
+    wc2_n = wc2.repeat_interleave(n, 0)
+    evaluated = [score_b[..., None]]
+    fine_offsets = torch.tensor([-2, -1, 1, 2], device=dev)
+    for kind, offs in (("rot", space.refine_offsets), ("shift", 1.0), ("shift", 0.5),
+                       ("rot", fine_offsets)):
+        if kind == "rot":
+            rots = (rot_b[..., None] + offs) % n_fine  # (B, N, J)
+            j = rots.shape[-1]
+            g = flat[top[..., None] * n_fine + rots].reshape(b * n, j, -1)
+            p = (wx[:, None, :] * phases(sh_b)).reshape(b * n, 1, -1)
+            sc = (2.0 * _cross(p, g)[:, 0] - _norm(wc2_n, g)).reshape(b, n, j)
+        else:
+            cand_sh = sh_b[:, :, None, :] + _NEIGHBOURS.to(dev) * offs  # (B, N, 9, 2)
+            g = flat[top * n_fine + rot_b].reshape(b * n, 1, -1)
+            p = (wx[:, None, None, :] * phases(cand_sh)).reshape(b * n, 9, -1)
+            sc = (2.0 * _cross(p, g)[..., 0] - _norm(wc2_n, g)).reshape(b, n, 9)
+        evaluated.append(sc)
+        val, arg = sc.max(-1)
+        better = val > score_b
+        if kind == "rot":
+            rot_b = torch.where(better, rots.gather(2, arg[..., None])[..., 0], rot_b)
+        else:
+            new_sh = cand_sh.gather(2, arg[..., None, None].expand(b, n, 1, 2))[:, :, 0]
+            sh_b = torch.where(better[..., None], new_sh, sh_b)
+        score_b = torch.maximum(val, score_b)
+        del g, p
+    rot_best, shift_best = rot_b, sh_b
+    pose_scores = torch.cat(evaluated, -1)
 
-    loglik = s2.clone()
     if force_max:
-        refined = pose_scores.max(-1).values
+        refined = score_b
     else:
         # uniform prior over the evaluated poses; temperature as for classes
         refined = annealing * torch.logsumexp(pose_scores / annealing, -1)
+    loglik = torch.full((b, k), -torch.inf, device=dev)
+    loglik.scatter_(1, cand, s2)
     loglik.scatter_(1, top, refined)
     return SearchResult(loglik, top, rot_best, shift_best.float(), pose_scores)
