@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 
@@ -48,8 +49,9 @@ class ClassHistoryPlot(QWidget):
         ax2.clear()
         ax1.set_ylabel("class distribution")
         ax2.set_ylabel("resolution (Å)")
-        ax1.set_xlabel("iteration")
-        ax2.set_xlabel("iteration")
+        for ax in (ax1, ax2):
+            ax.set_xlabel("iteration")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if self.iterations:
             x = np.asarray(self.iterations)
             dist = np.stack(self.distribution, axis=1)  # (K, iterations)
