@@ -31,18 +31,20 @@ def blob_views(n_views: int, box: int, seed: int = 1) -> np.ndarray:
 
 def make_particles(n: int, box: int = 48, pixel_size_A: float = 4.0, n_views: int = 4,
                    snr: float = 0.5, ctf: bool = True, seed: int = 0,
-                   populations: np.ndarray | None = None, max_shift_px: float = 2.0):
+                   populations: np.ndarray | None = None, max_shift_px: float = 2.0,
+                   offset_px: tuple[float, float] = (0.0, 0.0)):
     """Particles of known views at random in-plane rotations and shifts, with CTF and noise.
 
     Returns ``(ParticleSet, labels, psi_deg, shifts_px, views)``; a particle is its view
-    rotated counter-clockwise by ``psi`` then shifted by ``shift`` (x, y) pixels.
+    rotated counter-clockwise by ``psi`` then shifted by ``shift`` (x, y) pixels
+    (uniform within ``max_shift_px`` around ``offset_px``).
     """
     rng = np.random.default_rng(seed)
     views = blob_views(n_views, box, seed + 1)
     p = populations if populations is not None else np.full(n_views, 1.0 / n_views)
     labels = rng.choice(n_views, n, p=p / p.sum())
     psi = rng.uniform(0, 360, n)
-    shifts = rng.uniform(-max_shift_px, max_shift_px, (n, 2))
+    shifts = rng.uniform(-max_shift_px, max_shift_px, (n, 2)) + np.asarray(offset_px)
     imgs = rotate_images(torch.from_numpy(views[labels]), torch.from_numpy(psi).float())
     grid = FourierGrid.create(box)
     coeffs = grid.forward(imgs) * grid.shift_phase(torch.from_numpy(shifts).float(), -1.0)

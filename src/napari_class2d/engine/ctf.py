@@ -9,6 +9,8 @@ RELION's ``rlnDefocusAngle`` (degrees from the x axis to the defocus-U axis).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch_ctf import calculate_ctf_2d
 
@@ -63,3 +65,33 @@ def ctf_values(params: torch.Tensor, grid: FourierGrid, pixel_size_A: float) -> 
         s2 = (grid.radius / (grid.box * pixel_size_A)) ** 2  # 1/Å^2
         ctf = ctf * torch.exp(-bfac[:, None] * s2[None, :] / 4.0)
     return ctf.float()
+
+
+def electron_wavelength_A(voltage_kV: torch.Tensor) -> torch.Tensor:
+    """Relativistic electron wavelength in Å for an acceleration voltage in kV."""
+    volts = voltage_kV * 1e3
+    return 12.2643247 / torch.sqrt(volts * (1 + 0.978466e-6 * volts))
+
+
+def ctf_at(params: torch.Tensor, grid: FourierGrid, pixel_size_A: float) -> torch.Tensor:
+    """The same CTF as :func:`ctf_values`, evaluated directly at the kept frequencies.
+
+    Used where the CTF must be re-evaluated for many particles every iteration
+    (the M-step needs it with the astigmatism angle turned by each particle's
+    in-plane angle); evaluating only the kept frequencies is several times
+    faster than rendering full grids. ``tests/test_engine_ctf.py`` checks it
+    against :func:`ctf_values` (torch-ctf).
+    """
+    du, dv, ang, kv, cs, q, phase, bfac = (c[:, None] for c in params.T)
+    kx = grid.kx / (grid.box * pixel_size_A)
+    ky = grid.ky / (grid.box * pixel_size_A)
+    k2 = kx * kx + ky * ky
+    phi = torch.atan2(ky, kx)
+    df = 0.5 * (du + dv) + 0.5 * (du - dv) * torch.cos(2.0 * (phi - torch.deg2rad(ang)))
+    lam = electron_wavelength_A(kv)
+    chi = math.pi * lam * df * k2 - 0.5 * math.pi * cs * 1e7 * lam**3 * k2 * k2
+    chi = chi + torch.deg2rad(phase) + torch.atan2(q, torch.sqrt((1 - q * q).clamp(min=0)))
+    ctf = torch.sin(chi)
+    if torch.any(bfac != 0):
+        ctf = ctf * torch.exp(-bfac * k2 / 4.0)
+    return ctf

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from napari_class2d.engine.config import Class2DConfig, ResolvedParams
-from napari_class2d.engine.ctf import ctf_values
 from napari_class2d.engine.fourier import FourierGrid, rotated_coefficients, soft_circle
 from napari_class2d.engine.pool import ParticlePool
 from napari_class2d.engine.reconstruct import (
@@ -127,13 +126,12 @@ class Class2DModel:
         """``1/σ²`` per kept coefficient."""
         return 1.0 / self.noise[self.grid.ring].clamp(min=1e-12)
 
-    def _model_ctf(self, params: torch.Tensor) -> torch.Tensor:
+    def _model_ctf(self, ctf: torch.Tensor) -> torch.Tensor:
         """CTF in the likelihood model: CTF (full), sign(CTF) (flip) or 1 (off)."""
         mode = self.config.ctf_correction
         if mode == "off":
-            return torch.ones((params.shape[0], self.grid.n), device=self.device)
-        c = ctf_values(params, self.grid, self.pixel_size_A)
-        return c if mode == "full" else torch.sign(c)
+            return torch.ones_like(ctf)
+        return ctf if mode == "full" else torch.sign(ctf)
 
     def _chunk(self, pool: ParticlePool) -> int:
         """Particles per E-step chunk: within the memory budget and small enough that the
@@ -159,7 +157,7 @@ class Class2DModel:
         # initial noise: ring power of the particles themselves (signal + noise)
         power = torch.zeros(self.grid.n_rings, device=self.device)
         for s in range(0, len(indices), 1024):
-            x, _ = pool.get(indices[s:s + 1024], self.device)
+            x = pool.get(indices[s:s + 1024], self.device)[0]
             power += self.grid.ring_average(x.abs() ** 2).sum(0)
         self.noise = (power / len(indices)).clamp(min=1e-12)
         self.noise[0] = self.noise[1]
@@ -195,8 +193,8 @@ class Class2DModel:
         t_search = 0.0
         for s in range(0, n, chunk):
             idx = indices[s:s + chunk]
-            x, ctf_params = pool.get(idx, self.device)
-            ctf = self._model_ctf(ctf_params)
+            x, ctf_vals, _ = pool.get(idx, self.device)
+            ctf = self._model_ctf(ctf_vals)
             ts = time.perf_counter()
             res = search(x, ctf, w_align, table, self.space, self.grid,
                          cfg.force_max_over_poses, annealing, self.align_phases)
@@ -292,13 +290,12 @@ class Class2DModel:
         for s in range(0, rows.numel(), chunk):
             r, c = rows[s:s + chunk], cols[s:s + chunk]
             pidx = indices[r.numpy()]
-            x, params = pool.get(pidx, self.device)
+            x, ctf_vals, params = pool.get(pidx, self.device)
             kk = classes[r, c].to(self.device)
             angle = self.space.fine_angles_deg[rotations[r, c].to(self.device)]
             w = weights[r, c].to(self.device)
             sh = shifts[r, c].to(self.device)
-            data_ctf = (torch.ones_like(x.real) if mode == "off"
-                        else ctf_values(params, g, self.pixel_size_A))
+            data_ctf = torch.ones_like(ctf_vals) if mode == "off" else ctf_vals
             vals = (w[:, None] * weight) * data_ctf * x * self.phases(sh)
             vals = back_rotate(vals, angle, g)
             dens = (w[:, None] * weight) * rotated_ctf_weight(params, angle, g,

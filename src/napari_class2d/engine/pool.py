@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from napari_class2d.engine.config import ResolvedParams
-from napari_class2d.engine.ctf import CTF_COLUMNS
+from napari_class2d.engine.ctf import CTF_COLUMNS, ctf_values
 from napari_class2d.engine.fourier import FourierGrid, soft_circle
 from napari_class2d.io.errors import ParticleFileError
 from napari_class2d.io.particles import ParticleSet
@@ -53,9 +53,8 @@ class ParticlePool:
         self.sets: list[ParticleSet] = []
         self._coeffs: list[np.ndarray] = []  # (n, 2, F) float16 per block
         self._ctf: list[np.ndarray] = []  # (n, 8) float32 per block
+        self._ctf_values: list[np.ndarray] = []  # (n, F) float16 per block (CTF at kept freqs)
         self._starts = [0]
-        self._all_coeffs: np.ndarray | None = None
-        self._all_ctf: np.ndarray | None = None
         self.half = np.zeros(0, dtype=np.int64)
         self.has_ctf = np.zeros(0, dtype=bool)
         d0 = params.box
@@ -101,7 +100,14 @@ class ParticlePool:
                 "re-extract the particles at one pixel size",
             )
         n = particles.n_particles
-        coeffs = self._new_block(n)
+        coeffs = self._new_block(n, "block", (2, self.grid.n))
+        ctf = self._ctf_array(particles)
+        ctf_vals = self._new_block(n, "ctf", (self.grid.n,))
+        for start in range(0, n, self.chunk_size):  # CTF once per particle, cached
+            sel = slice(start, min(start + self.chunk_size, n))
+            vals = (ctf_values(torch.from_numpy(ctf[sel]), self.grid, p.working_pixel_size_A)
+                    if particles.has_ctf else torch.ones((sel.stop - sel.start, self.grid.n)))
+            ctf_vals[sel] = vals.to(torch.float16).numpy()
         for idx, images in particles.chunks(self.chunk_size):
             x = torch.from_numpy(images)
             if not torch.isfinite(x).all():
@@ -111,23 +117,23 @@ class ParticlePool:
             coeffs[idx[0]:idx[-1] + 1] = self._preprocess(x)
         if self.cache_dir is not None:
             coeffs.flush()
-        ctf = self._ctf_array(particles)
+            ctf_vals.flush()
         self.sets.append(particles)
         self._coeffs.append(coeffs)
         self._ctf.append(ctf)
+        self._ctf_values.append(ctf_vals)
         self._starts.append(self.n + n)
-        self._all_coeffs = self._all_ctf = None
         rng = np.random.default_rng([self.seed, len(self.sets)])
         self.half = np.concatenate([self.half, rng.integers(0, 2, n)])
         self.has_ctf = np.concatenate([self.has_ctf, np.full(n, particles.has_ctf)])
         return np.arange(self.n - n, self.n)
 
-    def _new_block(self, n: int) -> np.ndarray:
-        shape = (n, 2, self.grid.n)
+    def _new_block(self, n: int, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+        shape = (n,) + shape
         if self.cache_dir is None:
             return np.empty(shape, dtype=np.float16)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        path = self.cache_dir / f"block_{len(self._coeffs):05d}.npy"
+        path = self.cache_dir / f"{kind}_{len(self._coeffs):05d}.npy"
         return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
 
     def _preprocess(self, x: torch.Tensor) -> np.ndarray:
@@ -148,44 +154,35 @@ class ParticlePool:
     def reopen(self, sets: list[ParticleSet], half: np.ndarray) -> None:
         """Re-attach the cached blocks of ``sets`` (a resumed job) without re-reading stacks."""
         for i, particles in enumerate(sets):
-            path = self.cache_dir / f"block_{i:05d}.npy"
-            self._coeffs.append(np.load(path, mmap_mode="r"))
+            self._coeffs.append(np.load(self.cache_dir / f"block_{i:05d}.npy", mmap_mode="r"))
+            self._ctf_values.append(np.load(self.cache_dir / f"ctf_{i:05d}.npy", mmap_mode="r"))
             self._ctf.append(self._ctf_array(particles))
             self.sets.append(particles)
             self._starts.append(self.n + particles.n_particles)
             self.has_ctf = np.concatenate([self.has_ctf, np.full(particles.n_particles,
                                                                   particles.has_ctf)])
         self.half = np.asarray(half)
-        self._all_coeffs = self._all_ctf = None
 
     # -- reading --------------------------------------------------------------------
-    def _joined(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._all_coeffs is None:
-            if len(self._coeffs) == 1:
-                self._all_coeffs, self._all_ctf = self._coeffs[0], self._ctf[0]
-            else:
-                # blocks stay on disk: gather per block instead of concatenating
-                self._all_ctf = np.concatenate(self._ctf)
-                self._all_coeffs = None
-        return self._all_coeffs, self._all_ctf
-
     def get(self, indices: np.ndarray, device: torch.device | str = "cpu"
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Coefficients (complex64 ``(B, F)``) and CTF parameters (``(B, 8)``) at ``indices``."""
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Particles at ``indices``: coefficients (complex64 ``(B, F)``), CTF values at the
+        kept frequencies (``(B, F)``) and CTF parameters (``(B, 8)``)."""
         indices = np.asarray(indices, dtype=np.int64)
-        coeffs, ctf = self._joined()
-        if coeffs is not None:
-            order = np.argsort(indices, kind="stable")
-            block = np.empty((len(indices), 2, self.grid.n), dtype=np.float16)
-            block[order] = coeffs[indices[order]]
-        else:
-            block = np.empty((len(indices), 2, self.grid.n), dtype=np.float16)
-            which = np.searchsorted(self._starts, indices, side="right") - 1
-            for b in np.unique(which):  # loop over cache blocks, not particles
-                sel = np.nonzero(which == b)[0]
-                block[sel] = self._coeffs[b][indices[sel] - self._starts[b]]
-        t = torch.from_numpy(block.astype(np.float32)).to(device)
-        return torch.complex(t[:, 0], t[:, 1]), torch.from_numpy(ctf[indices]).to(device)
+        coeffs = np.empty((len(indices), 2, self.grid.n), dtype=np.float16)
+        ctf_vals = np.empty((len(indices), self.grid.n), dtype=np.float16)
+        params = np.empty((len(indices), len(CTF_COLUMNS)), dtype=np.float32)
+        which = np.searchsorted(self._starts, indices, side="right") - 1
+        for b in np.unique(which):  # loop over cache blocks, not particles
+            sel = np.nonzero(which == b)[0]
+            local = indices[sel] - self._starts[b]
+            coeffs[sel] = self._coeffs[b][local]
+            ctf_vals[sel] = self._ctf_values[b][local]
+            params[sel] = self._ctf[b][local]
+        t = torch.from_numpy(coeffs.astype(np.float32)).to(device)
+        return (torch.complex(t[:, 0], t[:, 1]),
+                torch.from_numpy(ctf_vals.astype(np.float32)).to(device),
+                torch.from_numpy(params).to(device))
 
     def chunk_size_for(self, bytes_per_particle: float, budget_GB: float) -> int:
         """Particles per chunk so that ``bytes_per_particle`` each fit the budget (GiB)."""

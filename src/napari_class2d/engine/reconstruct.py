@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from napari_class2d.engine.ctf import ctf_values
+from napari_class2d.engine.ctf import ctf_at
 from napari_class2d.engine.fourier import FourierGrid, rotate_images
 
 
@@ -33,7 +33,7 @@ def rotated_ctf_weight(params: torch.Tensor, angles_deg: torch.Tensor, grid: Fou
         return torch.ones((params.shape[0], grid.n), device=params.device)
     p = params.clone()
     p[:, 2] = p[:, 2] - angles_deg
-    c = ctf_values(p, grid, pixel_size_A)
+    c = ctf_at(p, grid, pixel_size_A)
     return c * c if mode == "full" else c.abs()
 
 

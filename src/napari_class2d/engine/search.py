@@ -45,6 +45,8 @@ class SearchSpace:
         Classes refined per particle.
     n_candidates
         Classes scored over the full alignment band per particle.
+    max_shift_px
+        No shift longer than this (working pixels) is accepted.
     """
 
     fine_angles_deg: torch.Tensor
@@ -55,6 +57,7 @@ class SearchSpace:
     align_band: torch.Tensor
     n_refine: int
     n_candidates: int
+    max_shift_px: float
 
     @property
     def coarse_in_align(self) -> torch.Tensor:
@@ -102,6 +105,7 @@ class SearchSpace:
             align_band=align.to(device),
             n_refine=min(n_classes, 3),
             n_candidates=min(n_classes, 10),
+            max_shift_px=float(max_shift_px),
         )
 
 
@@ -261,6 +265,8 @@ def search(x: torch.Tensor, ctf: torch.Tensor, weight: torch.Tensor, table: torc
             g = flat[top * n_fine + rot_b].reshape(b * n, 1, -1)
             p = (wx[:, None, None, :] * phases(cand_sh)).reshape(b * n, 9, -1)
             sc = (2.0 * _cross(p, g)[..., 0] - _norm(wc2_n, g)).reshape(b, n, 9)
+            too_far = (cand_sh**2).sum(-1) > space.max_shift_px**2 + 1e-6
+            sc = sc.masked_fill(too_far, -torch.inf)
         evaluated.append(sc)
         val, arg = sc.max(-1)
         better = val > score_b

@@ -1,0 +1,323 @@
+"""Every classifier parameter has an effect a user can see (and invalid values are refused)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from napari_class2d.engine.config import Class2DConfig, ConfigError
+from napari_class2d.engine.fourier import FourierGrid
+from napari_class2d.engine.job import Class2DJob
+from synthetic import make_particles, purity
+
+BASE = dict(n_classes=4, max_res_A=10.0, n_online_em_iterations=3, batch_size_per_class=40,
+            n_final_full_iterations=1, particle_diameter_A=110.0, annealing_start_iteration=0,
+            n_annealing_iterations=1, seed=1)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_particles(240, box=32, pixel_size_A=5.0, n_views=3, snr=1.0, seed=11)
+
+
+@pytest.fixture(scope="module")
+def baseline(data):
+    return run(data[0])
+
+
+def run(particles, **changes):
+    job = Class2DJob(particles, Class2DConfig(**(BASE | changes)))
+    snaps = list(job.run())
+    return job, snaps
+
+
+def radial_profile(image: np.ndarray) -> np.ndarray:
+    d = image.shape[-1]
+    c = np.arange(d) - d // 2
+    r = np.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
+    return r
+
+
+def test_baseline_classifies(data, baseline):
+    job, snaps = baseline
+    assert purity(data[1], job.assignments.best_class) >= 0.9
+    assert len(snaps) == 4
+
+
+def test_max_resolution_sets_the_working_box(data):
+    job, snaps = run(data[0], max_res_A=20.0)
+    # Nyquist of the working box is the maximum resolution: 2 * 32 * 5 / 20 = 16 px
+    assert snaps[-1].class_averages.shape[-1] == 16
+    assert snaps[-1].pixel_size_A == pytest.approx(10.0)
+
+
+def poses_with_noise_outside(job, lo: float, hi: float):
+    """Search the job's particles after burying the band lo <= |f| < hi (px) in strong noise."""
+    from napari_class2d.engine.fourier import rotated_coefficients
+    from napari_class2d.engine.search import search
+
+    m = job.model
+    x, ctf, _ = job.pool.get(np.arange(job.pool.n))
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(x.shape, generator=gen, dtype=torch.complex64) * 50 * x.abs().mean()
+    sel = (m.grid.radius >= lo) & (m.grid.radius < hi)
+    x = x + noise * sel
+    table = rotated_coefficients(m.references, m.space.fine_angles_deg, m.align_grid)
+    res = search(x, ctf, m._weight() * m.space.align_band, table, m.space, m.grid, True, 1.0,
+                 m.align_phases)
+    return res.class_loglik.argmax(1), res.rotation[:, 0], res.shift[:, 0]
+
+
+def test_max_alignment_resolution_ignores_finer_frequencies(data, baseline):
+    job, _ = run(data[0], max_align_res_A=20.0)
+    r_max = 32 * 5.0 / 20.0  # 8 px
+    radius = job.model.grid.radius[job.model.space.align_band]
+    assert float(radius.max()) <= r_max + 1e-6
+    assert int(job.model.space.align_band.sum()) < int(baseline[0].model.space.align_band.sum())
+    clean = poses_with_noise_outside(job, 99, 100)
+    noisy = poses_with_noise_outside(job, r_max + 0.5, 99)
+    for a, b in zip(clean, noisy, strict=True):
+        assert torch.equal(a, b)  # what lies beyond the limit changes nothing
+    full = poses_with_noise_outside(baseline[0], r_max + 0.5, 99)
+    clean_full = poses_with_noise_outside(baseline[0], 99, 100)
+    assert not torch.equal(full[1], clean_full[1])  # the full band does see it
+
+
+def test_max_alignment_finer_than_max_resolution_is_clamped_with_a_warning(data):
+    with pytest.warns(UserWarning, match="clamped"):
+        params = Class2DConfig(**(BASE | {"max_align_res_A": 5.0})).resolve(32, 5.0)
+    assert params.max_align_res_A == 10.0
+
+
+def test_min_alignment_resolution_removes_low_frequencies(data, baseline):
+    job, _ = run(data[0], min_align_res_A=50.0)
+    r_min = 32 * 5.0 / 50.0
+    radius = job.model.grid.radius[job.model.space.align_band]
+    assert float(radius.min()) >= r_min - 1e-6
+    clean = poses_with_noise_outside(job, 99, 100)
+    noisy = poses_with_noise_outside(job, 0, r_min - 0.01)
+    for a, b in zip(clean, noisy, strict=True):
+        assert torch.equal(a, b)  # what lies below the limit changes nothing
+    assert not np.allclose(job.assignments.loglik, baseline[0].assignments.loglik)
+
+
+def test_white_noise_model_is_flat(data, baseline):
+    _, snaps = run(data[0], white_noise=True)
+    white = snaps[-1].noise_spectrum[1:16]
+    coloured = baseline[1][-1].noise_spectrum[1:16]
+    assert np.ptp(white) / white.mean() < 1e-5
+    assert np.ptp(coloured) / coloured.mean() > 0.05
+
+
+def correlation_with_views(job, views):
+    """Best correlation of each class average with any true view over rotations."""
+    from napari_class2d.engine.fourier import rotate_images
+
+    avgs = torch.from_numpy(job.model.class_averages())
+    ang = torch.arange(0, 360, 3.0)
+    best = []
+    for a in avgs:
+        rot = rotate_images(a.expand(len(ang), *a.shape), ang)
+        r = rot.flatten(1)
+        r = (r - r.mean(1, keepdim=True)) / r.std(1, keepdim=True)
+        v = torch.from_numpy(views).flatten(1)
+        v = (v - v.mean(1, keepdim=True)) / v.std(1, keepdim=True)
+        best.append(float((r @ v.T).max() / r.shape[1]))
+    return np.mean(best)
+
+
+def test_ctf_correction_modes_differ_and_full_restores_the_views(data, baseline):
+    views = data[4]
+    flip, _ = run(data[0], ctf_correction="flip")
+    off, _ = run(data[0], ctf_correction="off")
+    full_corr = correlation_with_views(baseline[0], views)
+    off_corr = correlation_with_views(off, views)
+    assert full_corr > off_corr + 0.05
+    assert not np.allclose(flip.model.class_averages(), baseline[0].model.class_averages())
+
+
+def test_clamp_solvent_zeroes_density_outside_the_mask(data, baseline):
+    job, _ = run(data[0], clamp_solvent=True, mask_inner_diameter_A=100.0,
+                 mask_outer_diameter_A=120.0)
+    avgs = job.model.class_averages()
+    r = radial_profile(avgs[0])
+    outside = r > 0.5 * 120.0 / 5.0
+    assert np.abs(avgs[:, outside]).max() <= 1e-5 * np.abs(avgs).max()
+    plain, _ = run(data[0], mask_inner_diameter_A=100.0, mask_outer_diameter_A=120.0)
+    assert not np.allclose(avgs, plain.model.class_averages(), atol=1e-4)
+
+
+def test_mask_diameters_bound_the_class_averages(data):
+    job, snaps = run(data[0], mask_inner_diameter_A=60.0, mask_outer_diameter_A=80.0)
+    avgs = snaps[-1].class_averages
+    r = radial_profile(avgs[0])
+    assert np.abs(avgs[:, r > 0.5 * 80.0 / 5.0 + 0.5]).max() == 0.0
+    assert np.abs(avgs[:, r < 0.5 * 60.0 / 5.0]).max() > 0
+    assert snaps[-1].mask_inner_diameter_A == 60.0 and snaps[-1].mask_outer_diameter_A == 80.0
+
+
+def centre_offset(avgs: np.ndarray) -> float:
+    d = avgs.shape[-1]
+    c = np.arange(d) - d // 2
+    out = []
+    for a in avgs:
+        w = np.clip(a, 0, None) * (a > 0.2 * a.max())
+        out.append(np.hypot((w * c[None, :]).sum() / w.sum(), (w * c[:, None]).sum() / w.sum()))
+    return float(np.mean(out))
+
+
+def test_recentring_moves_classes_to_the_box_centre():
+    ps, *_ = make_particles(240, box=32, pixel_size_A=5.0, n_views=3, snr=1.0, seed=11,
+                            max_shift_px=0.0, offset_px=(4.0, -3.0))
+    on, _ = run(ps, max_shift_A=10.0)
+    off, _ = run(ps, max_shift_A=10.0, recenter=False)
+    assert centre_offset(on.model.class_averages()) < 1.5
+    assert centre_offset(off.model.class_averages()) > 3.0
+    binary, _ = run(ps, max_shift_A=10.0, recenter_binary=True, recenter_threshold=0.5)
+    assert centre_offset(binary.model.class_averages()) < 1.5
+    assert not np.allclose(binary.model.class_averages(), on.model.class_averages())
+
+
+def test_marginalising_over_poses_sums_over_poses(data, baseline):
+    """Off: each class's score is the log-sum-exp over the poses searched, never below the max."""
+    from napari_class2d.engine.fourier import rotated_coefficients
+    from napari_class2d.engine.search import search
+
+    job = baseline[0]
+    m = job.model
+    x, ctf, _ = job.pool.get(np.arange(50))
+    table = rotated_coefficients(m.references, m.space.fine_angles_deg, m.align_grid)
+    w = m._weight() * m.space.align_band
+    best = search(x, ctf, w, table, m.space, m.grid, True, 1.0, m.align_phases)
+    summed = search(x, ctf, w, table, m.space, m.grid, False, 1.0, m.align_phases)
+    finite = torch.isfinite(best.class_loglik)
+    assert torch.all(summed.class_loglik[finite] >= best.class_loglik[finite] - 1e-3)
+    assert torch.any(summed.class_loglik[finite] > best.class_loglik[finite] + 1e-3)
+    marg, _ = run(data[0], force_max_over_poses=False)
+    assert not np.allclose(marg.assignments.loglik, job.assignments.loglik)
+
+
+def test_inplane_step_sets_the_angular_grid(data):
+    job, _ = run(data[0], inplane_step_deg=10.0)
+    psi = job.assignments.psi_deg
+    step = 360.0 / job.model.space.n_fine
+    assert step <= 10.0
+    np.testing.assert_allclose(np.round(psi / step) * step, psi, atol=1e-3)
+    assert job.model.space.n_fine < run(data[0], inplane_step_deg=3.0)[0].model.space.n_fine
+
+
+def test_max_shift_bounds_the_shifts(data):
+    job, _ = run(data[0], max_shift_A=5.0)
+    shift_A = np.hypot(*job.assignments.shift_px.T) * job.model.pixel_size_A
+    assert shift_A.max() <= 5.0 + 1e-6
+    none, _ = run(data[0], max_shift_A=0.0)
+    assert np.abs(none.assignments.shift_px).max() == 0.0
+
+
+def test_hard_classification_last_gives_one_hot_counts(data, baseline):
+    _, snaps = run(data[0], hard_classification_last=True, icuf=6.0)
+    last = snaps[-1]
+    np.testing.assert_allclose(last.class_counts_soft, last.class_counts_hard, atol=1e-4)
+
+
+def test_icuf_and_annealing_schedule(data):
+    _, snaps = run(data[0], icuf=4.0, n_online_em_iterations=4, annealing_start_iteration=1,
+                   n_annealing_iterations=2)
+    factors = [s.annealing_factor for s in snaps]
+    assert factors == [4.0, 4.0, 2.5, 1.0, 1.0]
+
+
+def test_icuf_keeps_assignments_uncertain(data):
+    soft, snaps_soft = run(data[0], icuf=50.0, n_annealing_iterations=10,
+                           n_online_em_iterations=2, n_final_full_iterations=0)
+    sharp, _ = run(data[0], icuf=1.0, n_online_em_iterations=2, n_final_full_iterations=0)
+    assert soft.assignments.ess_class.mean() > sharp.assignments.ess_class.mean()
+
+
+def test_iteration_counts_and_batch_size(data):
+    _, snaps = run(data[0], n_online_em_iterations=3, batch_size_per_class=20,
+                   n_final_full_iterations=2)
+    assert [s.phase for s in snaps] == ["online"] * 3 + ["full"] * 2
+    assert [s.n_particles_used for s in snaps] == [80, 80, 80, 240, 240]
+
+
+def test_regularisation_factor_changes_the_averages(data, baseline):
+    job, _ = run(data[0], regularisation_factor=20.0)
+    assert not np.allclose(job.model.class_averages(), baseline[0].model.class_averages())
+
+
+def test_memory_budget_changes_chunking_not_results(data, baseline):
+    job, _ = run(data[0], memory_budget_GB=0.001)
+    assert np.array_equal(job.assignments.best_class, baseline[0].assignments.best_class)
+    np.testing.assert_allclose(job.model.class_averages(), baseline[0].model.class_averages(),
+                               rtol=1e-3, atol=1e-4 * np.abs(baseline[0].model.class_averages()).max())
+
+
+def test_reseeding_refills_an_emptied_class(data, baseline):
+    """An emptied class is re-seeded from the worse-fitting half of the fullest class."""
+    job, _ = run(data[0])
+    m = job.model
+    indices = np.arange(job.pool.n)
+    counts = torch.tensor(np.bincount(job.assignments.best_class, minlength=4), dtype=torch.float32)
+    donor = int(counts.argmax())
+    empty = (donor + 1) % 4
+    counts[empty] = 0.0  # pretend this class emptied out in the last mini-batch
+    m.num[:, empty] = 0
+    m.den[:, empty] = 0
+    m._reseed(job.pool, indices, job.assignments, counts, job.rng)
+    assert float(m.den[:, empty].sum()) > 0  # refilled
+    assert abs(float(m.prior[empty]) - float(m.prior[donor])) < 1e-6
+    # nothing empties when every class holds particles
+    before = m.num.clone()
+    m._reseed(job.pool, indices, job.assignments, torch.full((4,), 60.0), job.rng)
+    assert torch.equal(before, m.num)
+    # the option switches it off in a job
+    off, snaps = run(data[0], n_classes=8, reseed_empty_classes=False)
+    assert off.config.reseed_empty_classes is False
+
+
+def test_device_option(data):
+    job, _ = run(data[0], device="cpu")
+    assert job.model.device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA"):
+            Class2DJob(data[0], Class2DConfig(**(BASE | {"device": "cuda:0"})))
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"n_classes": 0}, "n_classes"),
+    ({"max_res_A": -1.0}, "max_res_A"),
+    ({"min_align_res_A": 8.0}, "min_align_res_A"),
+    ({"icuf": 0.5}, "icuf"),
+    ({"ctf_correction": "maybe"}, "ctf_correction"),
+    ({"mask_inner_diameter_A": 100.0, "mask_outer_diameter_A": 50.0}, "mask_outer_diameter_A"),
+    ({"recenter_threshold": 1.5}, "recenter_threshold"),
+    ({"device": "tpu"}, "device"),
+    ({"n_online_em_iterations": 0, "n_final_full_iterations": 0}, "n_final_full_iterations"),
+])
+def test_invalid_values_are_refused_before_work(bad, field):
+    with pytest.raises(ConfigError, match=field):
+        Class2DConfig(**(BASE | bad)).validate()
+
+
+def test_values_that_do_not_fit_the_data_are_refused(data):
+    with pytest.raises(ConfigError, match="Nyquist"):
+        Class2DJob(data[0], Class2DConfig(**(BASE | {"max_res_A": 6.0}))).run_to_end()
+    with pytest.raises(ConfigError, match="particle_diameter_A"):
+        Class2DJob(data[0], Class2DConfig(**(BASE | {"particle_diameter_A": 500.0}))).run_to_end()
+
+
+def test_annealing_factor_formula():
+    cfg = Class2DConfig(icuf=3.0, annealing_start_iteration=2, n_annealing_iterations=4)
+    assert [cfg.annealing_factor(j) for j in range(8)] == [3, 3, 3, 2.5, 2, 1.5, 1, 1]
+    assert math.isclose(cfg.annealing_factor(2.5), 2.75)
+
+
+def test_fourier_grid_round_trip():
+    grid = FourierGrid.create(24)
+    img = torch.randn(2, 24, 24)
+    low = grid.inverse(grid.forward(img))
+    torch.testing.assert_close(grid.inverse(grid.forward(low)), low, atol=1e-5, rtol=0)
