@@ -1,0 +1,114 @@
+"""Helpers shared by the benchmark scripts (run by hand, not part of the test suite)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("NAPARI_CLASS2D_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+#: benchmark data sets: map file under shared/data/maps (None: built-in phantom), the map's
+#: voxel size when its header has none, and the simulation pixel size and box
+MAPS = {
+    "phantom": {"file": None, "map_apix": None, "apix": 3.0, "box": 96},
+    "betagal": {
+        "file": "relion_betagal_ref_model_100px_3.54A.mrc",
+        "map_apix": None,
+        "apix": 3.54,
+        "box": 96,
+    },
+    # ASPIRE's 70S ribosome has voxel size 0 in its header; 5 Å makes it ~260 Å across
+    "ribosome": {
+        "file": "aspire_clean70SRibosome_vol_65p.mrc",
+        "map_apix": 5.0,
+        "apix": 4.0,
+        "box": 96,
+    },
+}
+
+
+def map_path(name: str) -> Path | None:
+    entry = MAPS[name]
+    if entry["file"] is None:
+        return None
+    path = SHARED_DATA / "maps" / entry["file"]
+    if not path.is_file():
+        sys.exit(
+            f"map {path} not found (set NAPARI_CLASS2D_SHARED_DATA to the shared data folder)"
+        )
+    return path
+
+
+def peak_rss_mb(children: bool = False) -> float:
+    """Peak resident memory of this process (or of its finished children), MiB."""
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return resource.getrusage(who).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(x):
+    try:
+        import numpy as np
+
+        if isinstance(x, np.generic):
+            return x.item()
+        if isinstance(x, np.ndarray):
+            return x.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def simulate_in_child(out_dir: Path, **kwargs) -> dict:
+    """Simulate in a separate process, so this process's peak memory is the classifier's."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(_simulate, str(out_dir), kwargs).result()
+
+
+def _simulate(out_dir: str, kwargs: dict) -> dict:
+    from napari_class2d.sim.simulate import simulate_dataset
+
+    res = simulate_dataset(out_dir, **kwargs)
+    return {"seconds": res.seconds, "particles_star": str(res.particles_star)}
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``key=value`` strings to a dict of Class2DConfig overrides (values parsed as JSON)."""
+    out = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
