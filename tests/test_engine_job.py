@@ -96,6 +96,7 @@ def test_outputs_read_back_as_relion_files(data, tmp_path):
     classes = model["model_classes"]
     assert classes["rlnReferenceImage"].iloc[0] == "000001@run_classes.mrcs"
     assert abs(classes["rlnClassDistribution"].sum() - 1) < 1e-6
+    assert (classes["rlnClassECA"] >= 1).all()
     with mrcfile.open(tmp_path / "run_classes.mrcs") as m:
         assert m.data.shape == (4, 32, 32)
         assert abs(float(m.voxel_size.x) - 5.0) < 1e-4

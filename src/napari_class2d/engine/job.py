@@ -393,8 +393,15 @@ class Class2DJob:
         counts = np.bincount(self.assignments.best_class[self.assignments.best_class >= 0],
                              minlength=self.config.n_classes)
         dist = counts / max(counts.sum(), 1)
+        a = self.assignments
+        visited = a.best_class >= 0
+        eca = np.bincount(a.best_class[visited], weights=a.ess_class[visited],
+                          minlength=self.config.n_classes) / np.maximum(counts, 1)
         write_model_star(paths["model"], paths["classes"].name, dist,
-                         m.resolution.cpu().numpy(), m.pixel_size_A, overwrite=overwrite)
+                         m.resolution.cpu().numpy(), m.pixel_size_A,
+                         extra_class_columns={"rlnClassECA": eca}, overwrite=overwrite,
+                         original_image_size=m.params.box,
+                         extra_general={"rlnCurrentIteration": self.iteration})
         write_particle_star(paths["data"], self.particles(), extra_columns=self.particle_table(),
                             overwrite=overwrite)
         return paths
