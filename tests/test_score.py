@@ -184,3 +184,19 @@ def test_bad_inputs_name_the_file(sim, tmp_path):
         score_classification(sim.out_dir, star, mrcs)
     with pytest.raises(ScoreInputError, match="truth.json"):
         score_classification(tmp_path, star, mrcs)
+
+
+def test_oracle_classification_recovers_every_view(sim, tmp_path):
+    """True labels and poses, averaged with a CTF Wiener filter: every view passes."""
+    from napari_class2d.sim.oracle import oracle_classification
+
+    paths = oracle_classification(sim.out_dir, tmp_path / "oracle")
+    sc = score_classification(sim.out_dir, paths["data"], paths["classes"])
+    assert sc["views_recovered"] == V and sc["purity"] == 1.0
+    assert sc["pose_error"]["median_psi_error_deg"] < 1.0
+    # a wrong CTF sign would flip the average's contrast and fail the match
+    with mrcfile.open(paths["classes"], mode="r+") as mrc:
+        mrc.data[:V] *= -1
+    assert (
+        score_classification(sim.out_dir, paths["data"], paths["classes"])["views_recovered"] == 0
+    )

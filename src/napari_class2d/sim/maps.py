@@ -71,6 +71,28 @@ def particle_diameter_px(volume: torch.Tensor, threshold: float = 0.05) -> float
     return 2.0 * float(torch.sqrt(x[mask] ** 2 + y[mask] ** 2 + z[mask] ** 2).max()) + 1.0
 
 
+def content_resolution_A(volume: torch.Tensor, pixel_size_A: float, floor: float = 1e-4) -> float:
+    """Finest resolution (Å) at which the map still has signal.
+
+    The radially averaged power spectrum is compared with its largest value
+    beyond the first shell; the answer is the finest shell above ``floor``
+    times that value (a map low-pass filtered at 40 Å answers about 40 Å).
+    """
+    box = volume.shape[-1]
+    power = torch.fft.rfftn(volume.double()).abs() ** 2
+    f = torch.fft.fftfreq(box)
+    fz, fy, fx = torch.meshgrid(f, f, torch.fft.rfftfreq(box), indexing="ij")
+    shell = torch.round(torch.sqrt(fx**2 + fy**2 + fz**2) * box).long().flatten()
+    n = box // 2 + 1
+    keep = shell < n
+    total = torch.zeros(n, dtype=torch.float64).index_add_(0, shell[keep], power.flatten()[keep])
+    count = torch.bincount(shell[keep], minlength=n).clamp(min=1)
+    radial = (total / count)[1:]
+    above = torch.nonzero(radial > floor * radial.max()).flatten()
+    finest = int(above.max()) + 1 if len(above) else 1
+    return box * pixel_size_A / finest
+
+
 def _fit_box(volume: torch.Tensor, box: int) -> torch.Tensor:
     """Centre-pad or centre-crop a cubic map to ``box`` (centre voxel ``n//2`` -> ``box//2``)."""
     n = volume.shape[-1]
@@ -105,7 +127,8 @@ def load_map(
     -------
     volume, info
         ``(box, box, box)`` float32 map ``[z, y, x]`` and a dict with
-        ``map_pixel_size_A``, ``resampled_pixel_size_A`` and ``particle_diameter_A``.
+        ``map_pixel_size_A``, ``resampled_pixel_size_A``, ``particle_diameter_A`` and
+        ``content_resolution_A`` (see :func:`content_resolution_A`).
 
     Raises
     ------
@@ -147,5 +170,6 @@ def load_map(
         "map_pixel_size_A": apix,
         "resampled_pixel_size_A": resampled_apix,
         "particle_diameter_A": diameter_px * pixel_size_A,
+        "content_resolution_A": content_resolution_A(vol, pixel_size_A),
     }
     return vol.float(), info

@@ -26,7 +26,7 @@ from napari_class2d.sim.ctf import shift_and_ctf
 from napari_class2d.sim.feed import stream_into
 from napari_class2d.sim.files import write_stack, write_star, write_text
 from napari_class2d.sim.junk import JUNK_KINDS, make_junk
-from napari_class2d.sim.maps import load_map
+from napari_class2d.sim.maps import content_resolution_A, load_map
 from napari_class2d.sim.phantom import default_phantom
 from napari_class2d.sim.project import FourierProjector
 from napari_class2d.sim.threads import torch_threads
@@ -137,7 +137,11 @@ def _volume(p: SimulationParams) -> tuple[torch.Tensor, dict]:
         diameter = p.phantom_diameter_A or 0.6 * p.box * p.pixel_size_A
         vol = default_phantom().render(p.box, p.pixel_size_A, 0.5 * diameter)
         vol = vol / vol.max()
-        return vol, {"source": "phantom", "particle_diameter_A": float(diameter)}
+        return vol, {
+            "source": "phantom",
+            "particle_diameter_A": float(diameter),
+            "content_resolution_A": content_resolution_A(vol, p.pixel_size_A),
+        }
     vol, info = load_map(p.map_path, p.pixel_size_A, p.box, p.map_pixel_size_A)
     info["source"] = "map"
     return vol, info
