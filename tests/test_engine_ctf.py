@@ -53,3 +53,13 @@ def test_direct_evaluation_matches_torch_ctf():
                            [12000.0, 11000.0, 170.0, 200.0, 1.4, 0.07, 40.0, 50.0]])
     torch.testing.assert_close(ctf_at(params, grid, 2.0), ctf_values(params, grid, 2.0),
                                atol=2e-3, rtol=0)
+
+
+def test_defocus_v_larger_than_u_is_the_same_ctf_turned():
+    grid = FourierGrid.create(48)
+    a = ctf_values(torch.tensor([[16000.0, 21000.0, 20.0, 300, 2.7, 0.1, 0, 0]]), grid, 2.0)
+    b = ctf_values(torch.tensor([[21000.0, 16000.0, 110.0, 300, 2.7, 0.1, 0, 0]]), grid, 2.0)
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    ref = independent_ctf(grid, 2.0, 16000.0, 21000.0, 20.0)
+    torch.testing.assert_close(a[0], ref, atol=5e-3, rtol=0)

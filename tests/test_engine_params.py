@@ -57,7 +57,7 @@ def test_max_resolution_sets_the_working_box(data):
 def poses_with_noise_outside(job, lo: float, hi: float):
     """Search the job's particles after burying the band lo <= |f| < hi (px) in strong noise."""
     from napari_class2d.engine.fourier import rotated_coefficients
-    from napari_class2d.engine.search import search
+    from napari_class2d.engine.search import SearchTables, search
 
     m = job.model
     x, ctf, _ = job.pool.get(np.arange(job.pool.n))
@@ -66,7 +66,8 @@ def poses_with_noise_outside(job, lo: float, hi: float):
     sel = (m.grid.radius >= lo) & (m.grid.radius < hi)
     x = x + noise * sel
     table = rotated_coefficients(m.references, m.space.fine_angles_deg, m.align_grid)
-    res = search(x, ctf, m._weight() * m.space.align_band, table, m.space, m.grid, True, 1.0,
+    tables = SearchTables.build(table, m.space, m.align_phases)
+    res = search(x, ctf, m._weight() * m.space.align_band, tables, m.space, m.grid, True, 1.0,
                  m.align_phases)
     return res.class_loglik.argmax(1), res.rotation[:, 0], res.shift[:, 0]
 
@@ -184,15 +185,16 @@ def test_recentring_moves_classes_to_the_box_centre():
 def test_marginalising_over_poses_sums_over_poses(data, baseline):
     """Off: each class's score is the log-sum-exp over the poses searched, never below the max."""
     from napari_class2d.engine.fourier import rotated_coefficients
-    from napari_class2d.engine.search import search
+    from napari_class2d.engine.search import SearchTables, search
 
     job = baseline[0]
     m = job.model
     x, ctf, _ = job.pool.get(np.arange(50))
     table = rotated_coefficients(m.references, m.space.fine_angles_deg, m.align_grid)
+    tables = SearchTables.build(table, m.space, m.align_phases)
     w = m._weight() * m.space.align_band
-    best = search(x, ctf, w, table, m.space, m.grid, True, 1.0, m.align_phases)
-    summed = search(x, ctf, w, table, m.space, m.grid, False, 1.0, m.align_phases)
+    best = search(x, ctf, w, tables, m.space, m.grid, True, 1.0, m.align_phases)
+    summed = search(x, ctf, w, tables, m.space, m.grid, False, 1.0, m.align_phases)
     finite = torch.isfinite(best.class_loglik)
     assert torch.all(summed.class_loglik[finite] >= best.class_loglik[finite] - 1e-3)
     assert torch.any(summed.class_loglik[finite] > best.class_loglik[finite] + 1e-3)

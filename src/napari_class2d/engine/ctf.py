@@ -47,6 +47,11 @@ def ctf_values(params: torch.Tensor, grid: FourierGrid, pixel_size_A: float) -> 
         ``(B, F)`` real CTF values.
     """
     du, dv, ang, kv, cs, q, phase, bfac = params.T
+    # torch-ctf needs defocus U >= V (it takes a square root of the astigmatism);
+    # U < V is the same CTF with the axes swapped
+    swap = du < dv
+    du, dv = torch.where(swap, dv, du), torch.where(swap, du, dv)
+    ang = torch.where(swap, ang + 90.0, ang)
     ctf = calculate_ctf_2d(
         defocus=(du + dv) / 2e4,
         astigmatism=(du - dv) / 2e4,

@@ -28,7 +28,7 @@ from napari_class2d.engine.reconstruct import (
     rotated_ctf_weight,
     wiener,
 )
-from napari_class2d.engine.search import PhaseTable, SearchSpace, search
+from napari_class2d.engine.search import PhaseTable, SearchSpace, SearchTables, search
 
 #: step size of online-EM iterations after the first (documented in docs/parameters.md)
 ONLINE_STEP_SIZE = 0.5
@@ -141,8 +141,11 @@ class Class2DModel:
         n1, n, j = self.space.n_candidates, self.space.n_refine, self.space.refine_offsets.numel()
         per_particle = 8 * f * (4 + 3 * n1 + 2 * n * (j + 9)) + 8 * k * t * self.space.n_coarse
         fits = pool.chunk_size_for(per_particle, self.config.memory_budget_GB)
-        cache_friendly = max(8, int(24e6 // per_particle))
-        return max(1, min(fits, cache_friendly if self.device.type == "cpu" else fits))
+        if self.device.type == "cpu":
+            # temporaries of a few tens of MB are reused by the allocator, larger ones
+            # are page-faulted in afresh on every chunk
+            return max(1, min(fits, max(16, int(48e6 // per_particle))))
+        return fits
 
     # -- initialisation ----------------------------------------------------------------
     def initialise(self, pool: ParticlePool, indices: np.ndarray, rng: np.random.Generator
@@ -180,6 +183,7 @@ class Class2DModel:
         band = self.space.align_band
         table = rotated_coefficients(self.references, self.space.fine_angles_deg,
                                      self.align_grid)
+        tables = SearchTables.build(table, self.space, self.align_phases)
         t_table = time.perf_counter() - t0
         weight = self._weight()
         w_align = weight * band
@@ -196,7 +200,7 @@ class Class2DModel:
             x, ctf_vals, _ = pool.get(idx, self.device)
             ctf = self._model_ctf(ctf_vals)
             ts = time.perf_counter()
-            res = search(x, ctf, w_align, table, self.space, self.grid,
+            res = search(x, ctf, w_align, tables, self.space, self.grid,
                          cfg.force_max_over_poses, annealing, self.align_phases)
             t_search += time.perf_counter() - ts
             logp = log_prior + res.class_loglik / annealing

@@ -182,7 +182,42 @@ def _norm(wc2: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.bmm(power, wc2[:, :, None])[..., 0]
 
 
-def search(x: torch.Tensor, ctf: torch.Tensor, weight: torch.Tensor, table: torch.Tensor,
+@dataclass
+class SearchTables:
+    """Per-iteration constants of the search, built once and shared by all chunks.
+
+    Attributes
+    ----------
+    table
+        ``(K, R_f, F_a)`` complex class coefficients at every fine rotation.
+    coarse_real
+        ``(2F_c, K·R_c)`` interleaved real coarse templates (matrix-product operand).
+    coarse_power
+        ``(F_c, K·R_c)`` their power ``|T|²``.
+    coarse_phases
+        ``(T, F_c)`` shift phases of the coarse shift grid.
+    """
+
+    table: torch.Tensor
+    coarse_real: torch.Tensor
+    coarse_power: torch.Tensor
+    coarse_phases: torch.Tensor
+
+    @classmethod
+    def build(cls, table: torch.Tensor, space: SearchSpace, phases: PhaseTable) -> SearchTables:
+        k = table.shape[0]
+        cb = space.coarse_in_align
+        tc = table[:, ::space.stride][:, :, cb]  # (K, Rc, Fc)
+        return cls(
+            table=table.contiguous(),
+            coarse_real=_real(tc).reshape(k * space.n_coarse, -1).T.contiguous(),
+            coarse_power=torch.view_as_real(tc).square().sum(-1)
+            .reshape(k * space.n_coarse, -1).T.contiguous(),
+            coarse_phases=phases.table[phases.index(space.coarse_shifts)][:, cb].contiguous(),
+        )
+
+
+def search(x: torch.Tensor, ctf: torch.Tensor, weight: torch.Tensor, tables: SearchTables,
            space: SearchSpace, grid: FourierGrid, force_max: bool, annealing: float,
            phases: PhaseTable) -> SearchResult:
     """Score the classes for a chunk of particles.
@@ -195,9 +230,9 @@ def search(x: torch.Tensor, ctf: torch.Tensor, weight: torch.Tensor, table: torc
         ``(B, F)`` CTF used in the likelihood model (1 when CTF correction is off).
     weight
         ``(F,)`` inverse noise variance ``1/σ²`` (0 outside the alignment band).
-    table
-        ``(K, R_f, F_a)`` complex coefficients of every class at every fine rotation,
-        restricted to the alignment band.
+    tables
+        Per-iteration constants (:class:`SearchTables`): the class coefficients at every
+        fine rotation over the alignment band, and the coarse-pass operands.
     force_max
         Class score at the best pose (True) or log-sum-exp over evaluated poses.
     annealing
@@ -209,6 +244,7 @@ def search(x: torch.Tensor, ctf: torch.Tensor, weight: torch.Tensor, table: torc
     (posterior 0): at the coarse resolution they already fit far worse.
     """
     b = x.shape[0]
+    table = tables.table
     k, n_fine, _ = table.shape
     n_coarse, stride = space.n_coarse, space.stride
     band = space.align_band
@@ -218,13 +254,10 @@ def search(x: torch.Tensor, ctf: torch.Tensor, weight: torch.Tensor, table: torc
     dev = x.device
 
     # 1. coarse: every class, coarse rotations and shifts, one matrix product
-    tc = table[:, ::stride][:, :, cb]  # (K, Rc, Fc)
-    tc_real = _real(tc).reshape(k * n_coarse, -1).T  # (2Fc, K·Rc)
-    tc_pow = torch.view_as_real(tc).square().sum(-1).reshape(k * n_coarse, -1).T
-    shifted = wx[:, None, cb] * phases.table[phases.index(space.coarse_shifts)][:, cb][None]
+    shifted = wx[:, None, cb] * tables.coarse_phases[None]  # (B, T, Fc)
     n_t = shifted.shape[1]
-    s1 = 2.0 * (_real(shifted).reshape(b * n_t, -1) @ tc_real).reshape(b, n_t, k, n_coarse)
-    s1 = s1 - (wc2[:, cb] @ tc_pow).reshape(b, 1, k, n_coarse)
+    s1 = (_real(shifted).reshape(b * n_t, -1) @ tables.coarse_real).reshape(b, n_t, k, n_coarse)
+    s1 = 2.0 * s1 - (wc2[:, cb] @ tables.coarse_power).reshape(b, 1, k, n_coarse)
     s1 = s1.permute(0, 2, 1, 3).reshape(b, k, n_t * n_coarse)
     coarse_score, best = s1.max(-1)  # (B, K)
     del s1, shifted
