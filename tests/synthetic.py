@@ -29,10 +29,18 @@ def blob_views(n_views: int, box: int, seed: int = 1) -> np.ndarray:
     return views
 
 
-def make_particles(n: int, box: int = 48, pixel_size_A: float = 4.0, n_views: int = 4,
-                   snr: float = 0.5, ctf: bool = True, seed: int = 0,
-                   populations: np.ndarray | None = None, max_shift_px: float = 2.0,
-                   offset_px: tuple[float, float] = (0.0, 0.0)):
+def make_particles(
+    n: int,
+    box: int = 48,
+    pixel_size_A: float = 4.0,
+    n_views: int = 4,
+    snr: float = 0.5,
+    ctf: bool = True,
+    seed: int = 0,
+    populations: np.ndarray | None = None,
+    max_shift_px: float = 2.0,
+    offset_px: tuple[float, float] = (0.0, 0.0),
+):
     """Particles of known views at random in-plane rotations and shifts, with CTF and noise.
 
     Returns ``(ParticleSet, labels, psi_deg, shifts_px, views)``; a particle is its view
@@ -52,14 +60,28 @@ def make_particles(n: int, box: int = 48, pixel_size_A: float = 4.0, n_views: in
     if ctf:
         du = rng.uniform(10000, 25000, n)
         params = CTFParams(
-            defocus_u_A=du, defocus_v_A=du - rng.uniform(0, 500, n),
-            astigmatism_angle_deg=rng.uniform(0, 180, n), voltage_kV=np.full(n, 300.0),
-            cs_mm=np.full(n, 2.7), amplitude_contrast=np.full(n, 0.1),
-            phase_shift_deg=np.zeros(n), bfactor_A2=np.zeros(n),
+            defocus_u_A=du,
+            defocus_v_A=du - rng.uniform(0, 500, n),
+            astigmatism_angle_deg=rng.uniform(0, 180, n),
+            voltage_kV=np.full(n, 300.0),
+            cs_mm=np.full(n, 2.7),
+            amplitude_contrast=np.full(n, 0.1),
+            phase_shift_deg=np.zeros(n),
+            bfactor_A2=np.zeros(n),
         )
-        cols = [torch.from_numpy(np.asarray(getattr(params, k), np.float32)) for k in (
-            "defocus_u_A", "defocus_v_A", "astigmatism_angle_deg", "voltage_kV", "cs_mm",
-            "amplitude_contrast", "phase_shift_deg", "bfactor_A2")]
+        cols = [
+            torch.from_numpy(np.asarray(getattr(params, k), np.float32))
+            for k in (
+                "defocus_u_A",
+                "defocus_v_A",
+                "astigmatism_angle_deg",
+                "voltage_kV",
+                "cs_mm",
+                "amplitude_contrast",
+                "phase_shift_deg",
+                "bfactor_A2",
+            )
+        ]
         coeffs = coeffs * ctf_values(torch.stack(cols, 1), grid, pixel_size_A)
     clean = grid.inverse(coeffs).numpy()
     signal_var = clean.var(axis=(1, 2)).mean()

@@ -49,10 +49,15 @@ def test_bfactor_damps_high_frequencies():
 
 def test_direct_evaluation_matches_torch_ctf():
     grid = FourierGrid.create(48)
-    params = torch.tensor([[21000.0, 16000.0, 35.0, 300.0, 2.7, 0.1, 0.0, 0.0],
-                           [12000.0, 11000.0, 170.0, 200.0, 1.4, 0.07, 40.0, 50.0]])
-    torch.testing.assert_close(ctf_at(params, grid, 2.0), ctf_values(params, grid, 2.0),
-                               atol=2e-3, rtol=0)
+    params = torch.tensor(
+        [
+            [21000.0, 16000.0, 35.0, 300.0, 2.7, 0.1, 0.0, 0.0],
+            [12000.0, 11000.0, 170.0, 200.0, 1.4, 0.07, 40.0, 50.0],
+        ]
+    )
+    torch.testing.assert_close(
+        ctf_at(params, grid, 2.0), ctf_values(params, grid, 2.0), atol=2e-3, rtol=0
+    )
 
 
 def test_defocus_v_larger_than_u_is_the_same_ctf_turned():

@@ -3,19 +3,26 @@ stop/resume, RELION outputs, streaming equivalence."""
 
 from __future__ import annotations
 
+import mrcfile
 import numpy as np
 import pytest
 import starfile
-import mrcfile
 
 from napari_class2d.engine.config import Class2DConfig
 from napari_class2d.engine.job import Class2DJob
 from napari_class2d.io.particles import ParticleSet
 from synthetic import make_particles, purity
 
-SMALL = dict(n_classes=4, max_res_A=10.0, n_online_em_iterations=4, batch_size_per_class=40,
-             n_final_full_iterations=1, particle_diameter_A=120.0, annealing_start_iteration=1,
-             n_annealing_iterations=2)
+SMALL = dict(
+    n_classes=4,
+    max_res_A=10.0,
+    n_online_em_iterations=4,
+    batch_size_per_class=40,
+    n_final_full_iterations=1,
+    particle_diameter_A=120.0,
+    annealing_start_iteration=1,
+    n_annealing_iterations=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +82,9 @@ def test_stop_and_resume_gives_the_uninterrupted_result(data, tmp_path):
     assert [s.iteration for s in rest] == [3, 4, 5]
     straight, _ = run(ps)
     assert np.array_equal(resumed.assignments.best_class, straight.assignments.best_class)
-    np.testing.assert_allclose(resumed.model.class_averages(), straight.model.class_averages(),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        resumed.model.class_averages(), straight.model.class_averages(), atol=1e-6
+    )
 
 
 def test_outputs_read_back_as_relion_files(data, tmp_path):
@@ -87,9 +95,15 @@ def test_outputs_read_back_as_relion_files(data, tmp_path):
     parts = star["particles"]
     assert len(parts) == 400 and "optics" in star
     assert set(parts["rlnClassNumber"]) <= {1, 2, 3, 4} and parts["rlnClassNumber"].min() >= 1
-    for col in ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
-                "rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples",
-                "rlnLogLikeliContribution", "rlnImageName"):
+    for col in (
+        "rlnAnglePsi",
+        "rlnOriginXAngst",
+        "rlnOriginYAngst",
+        "rlnMaxValueProbDistribution",
+        "rlnNrOfSignificantSamples",
+        "rlnLogLikeliContribution",
+        "rlnImageName",
+    ):
         assert col in parts.columns
     assert purity(labels, parts["rlnClassNumber"].to_numpy()) >= 0.9
     model = starfile.read(tmp_path / "run_model.star", always_dict=True)
@@ -130,8 +144,7 @@ def test_stream_with_everything_at_start_equals_batch(data):
     snaps = list(job.run())
     assert [s.phase for s in snaps] == ["online"] * 4 + ["full"]
     assert np.array_equal(job.assignments.best_class, batch.assignments.best_class)
-    np.testing.assert_allclose(job.model.class_averages(), batch.model.class_averages(),
-                               atol=1e-5)
+    np.testing.assert_allclose(job.model.class_averages(), batch.model.class_averages(), atol=1e-5)
 
 
 def test_stream_waits_for_warm_up_and_anneals_with_distinct_particles(data):

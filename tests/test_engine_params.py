@@ -13,9 +13,17 @@ from napari_class2d.engine.fourier import FourierGrid
 from napari_class2d.engine.job import Class2DJob
 from synthetic import make_particles, purity
 
-BASE = dict(n_classes=4, max_res_A=10.0, n_online_em_iterations=3, batch_size_per_class=40,
-            n_final_full_iterations=1, particle_diameter_A=110.0, annealing_start_iteration=0,
-            n_annealing_iterations=1, seed=1)
+BASE = dict(
+    n_classes=4,
+    max_res_A=10.0,
+    n_online_em_iterations=3,
+    batch_size_per_class=40,
+    n_final_full_iterations=1,
+    particle_diameter_A=110.0,
+    annealing_start_iteration=0,
+    n_annealing_iterations=1,
+    seed=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +75,17 @@ def poses_with_noise_outside(job, lo: float, hi: float):
     x = x + noise * sel
     table = rotated_coefficients(m.references, m.space.fine_angles_deg, m.align_grid)
     tables = SearchTables.build(table, m.space, m.align_phases)
-    res = search(x, ctf, m._weight() * m.space.align_band, tables, m.space, m.grid, True, 1.0,
-                 m.align_phases)
+    res = search(
+        x,
+        ctf,
+        m._weight() * m.space.align_band,
+        tables,
+        m.space,
+        m.grid,
+        True,
+        1.0,
+        m.align_phases,
+    )
     return res.class_loglik.argmax(1), res.rotation[:, 0], res.shift[:, 0]
 
 
@@ -141,8 +158,9 @@ def test_ctf_correction_modes_differ_and_full_restores_the_views(data, baseline)
 
 
 def test_clamp_solvent_zeroes_density_outside_the_mask(data, baseline):
-    job, _ = run(data[0], clamp_solvent=True, mask_inner_diameter_A=100.0,
-                 mask_outer_diameter_A=120.0)
+    job, _ = run(
+        data[0], clamp_solvent=True, mask_inner_diameter_A=100.0, mask_outer_diameter_A=120.0
+    )
     avgs = job.model.class_averages()
     r = radial_profile(avgs[0])
     outside = r > 0.5 * 120.0 / 5.0
@@ -171,8 +189,16 @@ def centre_offset(avgs: np.ndarray) -> float:
 
 
 def test_recentring_moves_classes_to_the_box_centre():
-    ps, *_ = make_particles(240, box=32, pixel_size_A=5.0, n_views=3, snr=1.0, seed=11,
-                            max_shift_px=0.0, offset_px=(4.0, -3.0))
+    ps, *_ = make_particles(
+        240,
+        box=32,
+        pixel_size_A=5.0,
+        n_views=3,
+        snr=1.0,
+        seed=11,
+        max_shift_px=0.0,
+        offset_px=(4.0, -3.0),
+    )
     on, _ = run(ps, max_shift_A=10.0)
     off, _ = run(ps, max_shift_A=10.0, recenter=False)
     assert centre_offset(on.model.class_averages()) < 1.5
@@ -226,22 +252,33 @@ def test_hard_classification_last_gives_one_hot_counts(data, baseline):
 
 
 def test_icuf_and_annealing_schedule(data):
-    _, snaps = run(data[0], icuf=4.0, n_online_em_iterations=4, annealing_start_iteration=1,
-                   n_annealing_iterations=2)
+    _, snaps = run(
+        data[0],
+        icuf=4.0,
+        n_online_em_iterations=4,
+        annealing_start_iteration=1,
+        n_annealing_iterations=2,
+    )
     factors = [s.annealing_factor for s in snaps]
     assert factors == [4.0, 4.0, 2.5, 1.0, 1.0]
 
 
 def test_icuf_keeps_assignments_uncertain(data):
-    soft, snaps_soft = run(data[0], icuf=50.0, n_annealing_iterations=10,
-                           n_online_em_iterations=2, n_final_full_iterations=0)
+    soft, snaps_soft = run(
+        data[0],
+        icuf=50.0,
+        n_annealing_iterations=10,
+        n_online_em_iterations=2,
+        n_final_full_iterations=0,
+    )
     sharp, _ = run(data[0], icuf=1.0, n_online_em_iterations=2, n_final_full_iterations=0)
     assert soft.assignments.ess_class.mean() > sharp.assignments.ess_class.mean()
 
 
 def test_iteration_counts_and_batch_size(data):
-    _, snaps = run(data[0], n_online_em_iterations=3, batch_size_per_class=20,
-                   n_final_full_iterations=2)
+    _, snaps = run(
+        data[0], n_online_em_iterations=3, batch_size_per_class=20, n_final_full_iterations=2
+    )
     assert [s.phase for s in snaps] == ["online"] * 3 + ["full"] * 2
     assert [s.n_particles_used for s in snaps] == [80, 80, 80, 240, 240]
 
@@ -254,8 +291,12 @@ def test_regularisation_factor_changes_the_averages(data, baseline):
 def test_memory_budget_changes_chunking_not_results(data, baseline):
     job, _ = run(data[0], memory_budget_GB=0.001)
     assert np.array_equal(job.assignments.best_class, baseline[0].assignments.best_class)
-    np.testing.assert_allclose(job.model.class_averages(), baseline[0].model.class_averages(),
-                               rtol=1e-3, atol=1e-4 * np.abs(baseline[0].model.class_averages()).max())
+    np.testing.assert_allclose(
+        job.model.class_averages(),
+        baseline[0].model.class_averages(),
+        rtol=1e-3,
+        atol=1e-4 * np.abs(baseline[0].model.class_averages()).max(),
+    )
 
 
 def test_reseeding_refills_an_emptied_class(data, baseline):
@@ -263,7 +304,9 @@ def test_reseeding_refills_an_emptied_class(data, baseline):
     job, _ = run(data[0])
     m = job.model
     indices = np.arange(job.pool.n)
-    counts = torch.tensor(np.bincount(job.assignments.best_class, minlength=4), dtype=torch.float32)
+    counts = torch.tensor(
+        np.bincount(job.assignments.best_class, minlength=4), dtype=torch.float32
+    )
     donor = int(counts.argmax())
     empty = (donor + 1) % 4
     counts[empty] = 0.0  # pretend this class emptied out in the last mini-batch
@@ -289,17 +332,20 @@ def test_device_option(data):
             Class2DJob(data[0], Class2DConfig(**(BASE | {"device": "cuda:0"})))
 
 
-@pytest.mark.parametrize("bad, field", [
-    ({"n_classes": 0}, "n_classes"),
-    ({"max_res_A": -1.0}, "max_res_A"),
-    ({"min_align_res_A": 8.0}, "min_align_res_A"),
-    ({"icuf": 0.5}, "icuf"),
-    ({"ctf_correction": "maybe"}, "ctf_correction"),
-    ({"mask_inner_diameter_A": 100.0, "mask_outer_diameter_A": 50.0}, "mask_outer_diameter_A"),
-    ({"recenter_threshold": 1.5}, "recenter_threshold"),
-    ({"device": "tpu"}, "device"),
-    ({"n_online_em_iterations": 0, "n_final_full_iterations": 0}, "n_final_full_iterations"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"n_classes": 0}, "n_classes"),
+        ({"max_res_A": -1.0}, "max_res_A"),
+        ({"min_align_res_A": 8.0}, "min_align_res_A"),
+        ({"icuf": 0.5}, "icuf"),
+        ({"ctf_correction": "maybe"}, "ctf_correction"),
+        ({"mask_inner_diameter_A": 100.0, "mask_outer_diameter_A": 50.0}, "mask_outer_diameter_A"),
+        ({"recenter_threshold": 1.5}, "recenter_threshold"),
+        ({"device": "tpu"}, "device"),
+        ({"n_online_em_iterations": 0, "n_final_full_iterations": 0}, "n_final_full_iterations"),
+    ],
+)
 def test_invalid_values_are_refused_before_work(bad, field):
     with pytest.raises(ConfigError, match=field):
         Class2DConfig(**(BASE | bad)).validate()

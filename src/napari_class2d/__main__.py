@@ -1,4 +1,5 @@
-from napari_class2d.cli import main
 import sys
+
+from napari_class2d.cli import main
 
 sys.exit(main())

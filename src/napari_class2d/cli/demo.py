@@ -30,27 +30,53 @@ def main(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     t0 = time.perf_counter()
-    sim = simulate_dataset(out / "particles", n_particles=args.n, box=64, pixel_size_A=4.0,
-                           snr=args.snr, n_views=8, rare_views=2, rare_fraction=0.03,
-                           seed=args.seed, overwrite=args.overwrite)
+    sim = simulate_dataset(
+        out / "particles",
+        n_particles=args.n,
+        box=64,
+        pixel_size_A=4.0,
+        snr=args.snr,
+        n_views=8,
+        rare_views=2,
+        rare_fraction=0.03,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
     t_sim = time.perf_counter() - t0
     print(f"simulated {args.n} particles in {t_sim:.0f} s: {sim.particles_star}")
     particles = read_particles(sim.particles_star)
-    config = Class2DConfig(n_classes=args.classes, max_res_A=10.0, batch_size_per_class=50,
-                           n_online_em_iterations=12, n_annealing_iterations=8,
-                           seed=args.seed)
+    config = Class2DConfig(
+        n_classes=args.classes,
+        max_res_A=10.0,
+        batch_size_per_class=50,
+        n_online_em_iterations=12,
+        n_annealing_iterations=8,
+        seed=args.seed,
+    )
     job = Class2DJob(particles, config, out_dir=out / "class2d", overwrite=args.overwrite)
     for snap in job.run():
         populated = int((snap.class_counts_hard > 0).sum())
-        print(f"  iteration {snap.iteration}/{snap.n_iterations_planned} ({snap.phase}): "
-              f"{populated} classes populated")
+        print(
+            f"  iteration {snap.iteration}/{snap.n_iterations_planned} ({snap.phase}): "
+            f"{populated} classes populated"
+        )
     t_cls = time.perf_counter() - t0 - t_sim
-    scores = score_classification(sim.out_dir, out / "class2d" / "run_data.star",
-                                  out / "class2d" / "run_classes.mrcs")
-    summary = {k: scores[k] for k in ("n_views", "views_recovered", "n_rare_views",
-                                      "rare_views_recovered", "purity",
-                                      "junk_in_recovered_classes", "median_class_resolution_A")
-               if k in scores}
+    scores = score_classification(
+        sim.out_dir, out / "class2d" / "run_data.star", out / "class2d" / "run_classes.mrcs"
+    )
+    summary = {
+        k: scores[k]
+        for k in (
+            "n_views",
+            "views_recovered",
+            "n_rare_views",
+            "rare_views_recovered",
+            "purity",
+            "junk_in_recovered_classes",
+            "median_class_resolution_A",
+        )
+        if k in scores
+    }
     summary["classification_seconds"] = round(t_cls, 1)
     print(json.dumps(summary, indent=2, default=float))
     print(f"outputs: {out / 'class2d'} (run_data.star, run_classes.mrcs, run_model.star)")

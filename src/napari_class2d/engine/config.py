@@ -218,9 +218,7 @@ class Class2DConfig:
             "inplane_step_deg",
         ):
             positive_or_none(name)
-        need(
-            self.max_shift_A is None or self.max_shift_A >= 0, "max_shift_A", "must be >= 0 Å"
-        )
+        need(self.max_shift_A is None or self.max_shift_A >= 0, "max_shift_A", "must be >= 0 Å")
         if self.min_align_res_A is not None:
             finest = self.max_align_res_A or self.max_res_A
             need(
@@ -307,7 +305,8 @@ class Class2DConfig:
             max_align = self.max_res_A
         if self.min_align_res_A is not None and self.min_align_res_A >= box_A:
             raise ConfigError(
-                f"min_align_res_A={self.min_align_res_A}: must be finer than the box ({box_A:.0f} Å)"
+                f"min_align_res_A={self.min_align_res_A}: "
+                f"must be finer than the box ({box_A:.0f} Å)"
             )
         diameter = self.particle_diameter_A or 0.8 * box_A
         if diameter > box_A:

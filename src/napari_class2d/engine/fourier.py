@@ -80,8 +80,10 @@ class FourierGrid:
 
     def to(self, device: torch.device | str) -> FourierGrid:
         return FourierGrid(
-            self.box, *(getattr(self, k).to(device) for k in ("kx", "ky", "rows", "cols")),
-            self.radius.to(device), self.ring.to(device),
+            self.box,
+            *(getattr(self, k).to(device) for k in ("kx", "ky", "rows", "cols")),
+            self.radius.to(device),
+            self.ring.to(device),
         )
 
     def quarter_turn(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +93,10 @@ class FourierGrid:
         where ``conj`` is the transform of the image turned by a further +90°.
         """
         gx, gy = self.ky, -self.kx  # R_{-90} f
-        lookup = {(int(x), int(y)): i for i, (x, y) in
-                  enumerate(zip(self.kx.tolist(), self.ky.tolist(), strict=True))}
+        lookup = {
+            (int(x), int(y)): i
+            for i, (x, y) in enumerate(zip(self.kx.tolist(), self.ky.tolist(), strict=True))
+        }
         perm, conj = [], []
         for x, y in zip(gx.tolist(), gy.tolist(), strict=True):  # once per grid, not per image
             if (int(x), int(y)) in lookup:
@@ -106,8 +110,15 @@ class FourierGrid:
 
     def subset(self, mask: torch.Tensor) -> FourierGrid:
         """The coefficients selected by ``mask`` as a grid of their own (same box)."""
-        return FourierGrid(self.box, self.kx[mask], self.ky[mask], self.rows[mask],
-                           self.cols[mask], self.radius[mask], self.ring[mask])
+        return FourierGrid(
+            self.box,
+            self.kx[mask],
+            self.ky[mask],
+            self.rows[mask],
+            self.cols[mask],
+            self.radius[mask],
+            self.ring[mask],
+        )
 
     def band(self, min_radius: float, max_radius: float) -> torch.Tensor:
         """Boolean mask of the coefficients with ``min_radius <= |f| <= max_radius``."""
@@ -126,8 +137,9 @@ class FourierGrid:
     def to_rfft(self, coeffs: torch.Tensor) -> torch.Tensor:
         """Place kept coefficients ``(..., F)`` in a Hermitian-complete rfft array."""
         d = self.box
-        out = torch.zeros(coeffs.shape[:-1] + (d, d // 2 + 1), dtype=coeffs.dtype,
-                          device=coeffs.device)
+        out = torch.zeros(
+            coeffs.shape[:-1] + (d, d // 2 + 1), dtype=coeffs.dtype, device=coeffs.device
+        )
         out[..., self.rows, self.cols] = coeffs
         col0 = self.cols == 0  # column kx=0 holds both ky and -ky: fill the mates
         out[..., (-self.rows[col0]) % d, 0] = coeffs[..., col0].conj()
@@ -148,8 +160,9 @@ class FourierGrid:
 
     def ring_average(self, values: torch.Tensor) -> torch.Tensor:
         """Mean of ``values (..., F)`` over each ring -> ``(..., n_rings)`` (0 for empty rings)."""
-        out = torch.zeros(values.shape[:-1] + (self.n_rings,), dtype=values.dtype,
-                          device=values.device)
+        out = torch.zeros(
+            values.shape[:-1] + (self.n_rings,), dtype=values.dtype, device=values.device
+        )
         out.index_add_(-1, self.ring, values)
         count = torch.bincount(self.ring, minlength=self.n_rings).to(values.dtype)
         return out / count.clamp(min=1)
@@ -173,17 +186,18 @@ def rotation_grid(angles_deg: torch.Tensor, box: int) -> torch.Tensor:
     return torch.stack(((src_x + box // 2) * scale - 1, (src_y + box // 2) * scale - 1), -1)
 
 
-def rotate_images(images: torch.Tensor, angles_deg: torch.Tensor, mode: str = "bicubic"
-                  ) -> torch.Tensor:
+def rotate_images(
+    images: torch.Tensor, angles_deg: torch.Tensor, mode: str = "bicubic"
+) -> torch.Tensor:
     """Rotate real images ``(R, D, D)`` each by its angle (counter-clockwise, degrees)."""
     grid = rotation_grid(angles_deg, images.shape[-1])
-    out = F.grid_sample(images[:, None], grid, mode=mode, padding_mode="zeros",
-                        align_corners=True)
+    out = F.grid_sample(images[:, None], grid, mode=mode, padding_mode="zeros", align_corners=True)
     return out[:, 0]
 
 
-def rotated_coefficients(images: torch.Tensor, angles_deg: torch.Tensor, grid: FourierGrid,
-                         pad: int = 2) -> torch.Tensor:
+def rotated_coefficients(
+    images: torch.Tensor, angles_deg: torch.Tensor, grid: FourierGrid, pad: int = 2
+) -> torch.Tensor:
     """Kept Fourier coefficients of each image rotated by each angle.
 
     The transform is oversampled ``pad`` times (zero-padding in real space) and
@@ -204,10 +218,12 @@ def rotated_coefficients(images: torch.Tensor, angles_deg: torch.Tensor, grid: F
     """
     angles_deg = angles_deg.float()
     n = angles_deg.numel()
-    if n % 4 == 0 and torch.allclose(angles_deg[n // 4:n // 2] - angles_deg[:n // 4],
-                                     torch.full((n // 4,), 90.0, device=angles_deg.device)):
+    if n % 4 == 0 and torch.allclose(
+        angles_deg[n // 4 : n // 2] - angles_deg[: n // 4],
+        torch.full((n // 4,), 90.0, device=angles_deg.device),
+    ):
         # a quarter turn permutes the kept frequencies: interpolate one quadrant only
-        base = rotated_coefficients(images, angles_deg[:n // 4], grid, pad)
+        base = rotated_coefficients(images, angles_deg[: n // 4], grid, pad)
         perm, conj = grid.quarter_turn()
         parts = [base]
         for _ in range(3):
@@ -218,9 +234,13 @@ def rotated_coefficients(images: torch.Tensor, angles_deg: torch.Tensor, grid: F
     big = d * pad
     lo = (big - d) // 2
     padded = torch.zeros((k, big, big), dtype=torch.float32, device=images.device)
-    padded[:, lo:lo + d, lo:lo + d] = images
-    ft = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(padded, dim=(-2, -1)),
-                                           norm="ortho"), dim=(-2, -1)) * pad
+    padded[:, lo : lo + d, lo : lo + d] = images
+    ft = (
+        torch.fft.fftshift(
+            torch.fft.fft2(torch.fft.ifftshift(padded, dim=(-2, -1)), norm="ortho"), dim=(-2, -1)
+        )
+        * pad
+    )
     planes = torch.cat((ft.real, ft.imag), 0)[None]  # (1, 2K, big, big)
     a = torch.deg2rad(angles_deg.float())[:, None]
     cos, sin = torch.cos(a), torch.sin(a)
@@ -229,14 +249,20 @@ def rotated_coefficients(images: torch.Tensor, angles_deg: torch.Tensor, grid: F
     scale = 2.0 / (big - 1)
     centre = big // 2
     sample = torch.stack(((gx * pad + centre) * scale - 1, (gy * pad + centre) * scale - 1), -1)
-    out = F.grid_sample(planes, sample.reshape(1, -1, 1, 2), mode="bilinear",
-                        padding_mode="zeros", align_corners=True)
+    out = F.grid_sample(
+        planes,
+        sample.reshape(1, -1, 1, 2),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=True,
+    )
     out = out.reshape(2, k, angles_deg.numel(), grid.n)
     return torch.complex(out[0], out[1])
 
 
-def soft_circle(box: int, inner_radius_px: float, outer_radius_px: float,
-                device: torch.device | str = "cpu") -> torch.Tensor:
+def soft_circle(
+    box: int, inner_radius_px: float, outer_radius_px: float, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """``(D, D)`` mask: 1 inside ``inner``, raised-cosine edge to 0 at ``outer`` (pixels)."""
     c = torch.arange(box, device=device, dtype=torch.float32) - box // 2
     r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2)

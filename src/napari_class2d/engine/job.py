@@ -70,8 +70,15 @@ class Class2DJob:
         Streaming: pause between polls while waiting for particles.
     """
 
-    def __init__(self, particles_or_source, config: Class2DConfig, out_dir: str | Path | None = None,
-                 resume: bool = False, overwrite: bool = False, poll_seconds: float = 2.0):
+    def __init__(
+        self,
+        particles_or_source,
+        config: Class2DConfig,
+        out_dir: str | Path | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        poll_seconds: float = 2.0,
+    ):
         self.config = config.validate()
         self.streaming = not isinstance(particles_or_source, ParticleSet)
         self.source = particles_or_source
@@ -146,8 +153,9 @@ class Class2DJob:
                 elif finishing:
                     raise ValueError("the job was finished before any particle arrived")
                 else:
-                    yield self._waiting(f"waiting for particles: {n} of {cfg.warmup_particles} "
-                                        "needed to start")
+                    yield self._waiting(
+                        f"waiting for particles: {n} of {cfg.warmup_particles} needed to start"
+                    )
                     continue
             if self.online_done < cfg.n_online_em_iterations:
                 if finishing or n >= (self.online_done + 1) * batch:
@@ -157,16 +165,20 @@ class Class2DJob:
                     yield self._online(advance=False)
                 else:
                     need = (self.online_done + 1) * batch
-                    yield self._waiting(f"online iteration {self.online_done + 1} waits for "
-                                        f"{need} distinct particles ({n} so far)")
+                    yield self._waiting(
+                        f"online iteration {self.online_done + 1} waits for "
+                        f"{need} distinct particles ({n} so far)"
+                    )
                 continue
             if not finishing:
                 if n - self.n_at_last_update >= cfg.full_iteration_trigger:
                     yield self._streaming_update()
                 else:
                     nxt = self.n_at_last_update + cfg.full_iteration_trigger
-                    yield self._waiting(f"online phase done; next full iteration at {nxt} "
-                                        f"particles ({n} so far)", next_full_at=nxt)
+                    yield self._waiting(
+                        f"online phase done; next full iteration at {nxt} particles ({n} so far)",
+                        next_full_at=nxt,
+                    )
                 continue
             if self.full_done < cfg.n_final_full_iterations:
                 last = self.full_done == cfg.n_final_full_iterations - 1
@@ -198,8 +210,9 @@ class Class2DJob:
             apix = float(np.median(particles.pixel_size_A))
             params = self.config.resolve(particles.box, apix)
             if self.config.ctf_correction != "off" and not particles.has_ctf:
+                where = particles.source_path or "the particles"
                 raise ConfigError(
-                    f"ctf_correction={self.config.ctf_correction!r}: {particles.source_path or 'the particles'} "
+                    f"ctf_correction={self.config.ctf_correction!r}: {where} "
                     "carry no CTF parameters; use ctf_correction='off'"
                 )
             from napari_class2d.engine.pool import working_grid
@@ -238,12 +251,23 @@ class Class2DJob:
         if indices is None:
             indices = self._draw(cfg.online_batch_size)
         anneal = cfg.annealing_factor(j)
-        last_overall = (advance and j == cfg.n_online_em_iterations - 1
-                        and cfg.n_final_full_iterations == 0 and self._finish.is_set())
+        last_overall = (
+            advance
+            and j == cfg.n_online_em_iterations - 1
+            and cfg.n_final_full_iterations == 0
+            and self._finish.is_set()
+        )
         step = 1.0 if (j == 0 and advance and self.iteration == 0) else ONLINE_STEP_SIZE
-        stats = self.model.iterate(self.pool, indices, self.assignments, anneal, step,
-                                   hard=last_overall and cfg.hard_classification_last,
-                                   online=True, rng=self.rng)
+        stats = self.model.iterate(
+            self.pool,
+            indices,
+            self.assignments,
+            anneal,
+            step,
+            hard=last_overall and cfg.hard_classification_last,
+            online=True,
+            rng=self.rng,
+        )
         if advance:
             self.online_done += 1
         msg = "" if advance else "iterating on the pool while waiting for particles"
@@ -252,8 +276,9 @@ class Class2DJob:
     def _full(self, hard: bool, final: bool) -> IterationSnapshot:
         indices = np.arange(self.n_particles)
         self.seen[:] = True
-        stats = self.model.iterate(self.pool, indices, self.assignments, 1.0, 1.0, hard=hard,
-                                   online=False, rng=self.rng)
+        stats = self.model.iterate(
+            self.pool, indices, self.assignments, 1.0, 1.0, hard=hard, online=False, rng=self.rng
+        )
         if final:
             self.full_done += 1
         self.n_at_last_update = self.n_particles
@@ -261,38 +286,47 @@ class Class2DJob:
 
     def _streaming_update(self) -> IterationSnapshot:
         cfg = self.config
-        if cfg.stream_mode == "full" or self.incremental_updates + 1 >= cfg.full_pass_every_n_updates:
+        if (
+            cfg.stream_mode == "full"
+            or self.incremental_updates + 1 >= cfg.full_pass_every_n_updates
+        ):
             self.incremental_updates = 0
             return self._full(hard=False, final=False)
         # incremental: E-step on the new particles only, their statistics added on
         new = np.arange(self.n_at_last_update, self.n_particles)
         self.seen[new] = True
         frac = len(new) / max(self.n_particles, 1)
-        stats = self.model.iterate(self.pool, new, self.assignments, 1.0, frac, hard=False,
-                                   online=False, rng=self.rng)
+        stats = self.model.iterate(
+            self.pool, new, self.assignments, 1.0, frac, hard=False, online=False, rng=self.rng
+        )
         self.incremental_updates += 1
         self.n_at_last_update = self.n_particles
         return self._after("incremental", stats, 1.0, "")
 
     # -- snapshots ---------------------------------------------------------------------
-    def _after(self, phase: str, stats: IterationStats, anneal: float, msg: str
-               ) -> IterationSnapshot:
+    def _after(
+        self, phase: str, stats: IterationStats, anneal: float, msg: str
+    ) -> IterationSnapshot:
         self.iteration += 1
         snap = self._snapshot(phase, stats, anneal, msg)
-        self.history.append({
-            "iteration": self.iteration, "phase": phase,
-            "counts": stats.counts_hard.tolist(),
-            "resolution_A": snap.class_resolution_A.tolist(),
-            "annealing_factor": anneal,
-        })
+        self.history.append(
+            {
+                "iteration": self.iteration,
+                "phase": phase,
+                "counts": stats.counts_hard.tolist(),
+                "resolution_A": snap.class_resolution_A.tolist(),
+                "annealing_factor": anneal,
+            }
+        )
         self._last_snapshot = snap
         if self.out_dir is not None:
             self._save_checkpoint()
             self.write_outputs(self.out_dir, overwrite=True)
         return snap
 
-    def _snapshot(self, phase, stats: IterationStats | None, anneal: float, msg: str,
-                  next_full_at: int = 0) -> IterationSnapshot:
+    def _snapshot(
+        self, phase, stats: IterationStats | None, anneal: float, msg: str, next_full_at: int = 0
+    ) -> IterationSnapshot:
         cfg = self.config
         m = self.model
         k = cfg.n_classes
@@ -365,15 +399,17 @@ class Class2DJob:
         a = self.assignments
         apix = self.model.pixel_size_A
         visited = a.best_class >= 0
-        return pd.DataFrame({
-            "rlnClassNumber": np.where(visited, a.best_class + 1, 0).astype(int),
-            "rlnAnglePsi": a.psi_deg,
-            "rlnOriginXAngst": -a.shift_px[:, 0] * apix,
-            "rlnOriginYAngst": -a.shift_px[:, 1] * apix,
-            "rlnMaxValueProbDistribution": a.max_prob,
-            "rlnNrOfSignificantSamples": np.maximum(np.round(a.ess_pose), 1).astype(int),
-            "rlnLogLikeliContribution": a.loglik,
-        })
+        return pd.DataFrame(
+            {
+                "rlnClassNumber": np.where(visited, a.best_class + 1, 0).astype(int),
+                "rlnAnglePsi": a.psi_deg,
+                "rlnOriginXAngst": -a.shift_px[:, 0] * apix,
+                "rlnOriginYAngst": -a.shift_px[:, 1] * apix,
+                "rlnMaxValueProbDistribution": a.max_prob,
+                "rlnNrOfSignificantSamples": np.maximum(np.round(a.ess_pose), 1).astype(int),
+                "rlnLogLikeliContribution": a.loglik,
+            }
+        )
 
     def write_outputs(self, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
         """Write ``run_data.star``, ``run_classes.mrcs`` and ``run_model.star`` atomically."""
@@ -386,24 +422,41 @@ class Class2DJob:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         m = self.model
-        paths = {"data": out / "run_data.star", "classes": out / "run_classes.mrcs",
-                 "model": out / "run_model.star"}
-        write_class_averages(paths["classes"], m.class_averages(), m.pixel_size_A,
-                             overwrite=overwrite)
-        counts = np.bincount(self.assignments.best_class[self.assignments.best_class >= 0],
-                             minlength=self.config.n_classes)
+        paths = {
+            "data": out / "run_data.star",
+            "classes": out / "run_classes.mrcs",
+            "model": out / "run_model.star",
+        }
+        write_class_averages(
+            paths["classes"], m.class_averages(), m.pixel_size_A, overwrite=overwrite
+        )
+        counts = np.bincount(
+            self.assignments.best_class[self.assignments.best_class >= 0],
+            minlength=self.config.n_classes,
+        )
         dist = counts / max(counts.sum(), 1)
         a = self.assignments
         visited = a.best_class >= 0
-        eca = np.bincount(a.best_class[visited], weights=a.ess_class[visited],
-                          minlength=self.config.n_classes) / np.maximum(counts, 1)
-        write_model_star(paths["model"], paths["classes"].name, dist,
-                         m.resolution.cpu().numpy(), m.pixel_size_A,
-                         extra_class_columns={"rlnClassECA": eca}, overwrite=overwrite,
-                         original_image_size=m.params.box,
-                         extra_general={"rlnCurrentIteration": self.iteration})
-        write_particle_star(paths["data"], self.particles(), extra_columns=self.particle_table(),
-                            overwrite=overwrite)
+        eca = np.bincount(
+            a.best_class[visited], weights=a.ess_class[visited], minlength=self.config.n_classes
+        ) / np.maximum(counts, 1)
+        write_model_star(
+            paths["model"],
+            paths["classes"].name,
+            dist,
+            m.resolution.cpu().numpy(),
+            m.pixel_size_A,
+            extra_class_columns={"rlnClassECA": eca},
+            overwrite=overwrite,
+            original_image_size=m.params.box,
+            extra_general={"rlnCurrentIteration": self.iteration},
+        )
+        write_particle_star(
+            paths["data"],
+            self.particles(),
+            extra_columns=self.particle_table(),
+            overwrite=overwrite,
+        )
         return paths
 
     # -- checkpoints -------------------------------------------------------------------
@@ -416,9 +469,17 @@ class Class2DJob:
             "assignments": self.assignments,
             "rng": self.rng.bit_generator.state,
             "seen": self.seen,
-            "counters": {k: getattr(self, k) for k in (
-                "online_done", "full_done", "iteration", "n_at_last_update",
-                "incremental_updates", "done")},
+            "counters": {
+                k: getattr(self, k)
+                for k in (
+                    "online_done",
+                    "full_done",
+                    "iteration",
+                    "n_at_last_update",
+                    "incremental_updates",
+                    "done",
+                )
+            },
             "history": self.history,
             "source_state": self.source.state() if self.streaming else None,
             "sets": [_picklable(s) for s in self.pool.sets],
@@ -437,7 +498,8 @@ class Class2DJob:
         state = torch.load(path, weights_only=False)
         saved = Class2DConfig.from_dict(state["config"])
         if saved.replace(device=self.config.device) != self.config.replace(
-                device=saved.device, memory_budget_GB=saved.memory_budget_GB):
+            device=saved.device, memory_budget_GB=saved.memory_budget_GB
+        ):
             log.warning("resuming with changed parameters; the checkpoint's values are used")
             self.config = saved.replace(device=self.config.device)
         sets = state["sets"]
@@ -445,8 +507,9 @@ class Class2DJob:
         params = self.config.resolve(first.box, float(np.median(first.pixel_size_A)))
         from napari_class2d.engine.pool import working_grid
 
-        self.pool = ParticlePool(params, working_grid(params), self.out_dir / "cache",
-                                 seed=self.config.seed)
+        self.pool = ParticlePool(
+            params, working_grid(params), self.out_dir / "cache", seed=self.config.seed
+        )
         self.pool.reopen(sets, state["half"])
         self.model = Class2DModel(self.config, params, self.device)
         self.model.load_state_dict(state["model"])

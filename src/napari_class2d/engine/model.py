@@ -52,8 +52,15 @@ class ParticleAssignments:
 
     @classmethod
     def empty(cls, n: int = 0) -> ParticleAssignments:
-        return cls(np.full(n, -1, np.int64), np.zeros(n), np.zeros((n, 2)), np.zeros(n),
-                   np.zeros(n), np.zeros(n), np.zeros(n))
+        return cls(
+            np.full(n, -1, np.int64),
+            np.zeros(n),
+            np.zeros((n, 2)),
+            np.zeros(n),
+            np.zeros(n),
+            np.zeros(n),
+            np.zeros(n),
+        )
 
     def grow(self, n: int) -> None:
         extra = ParticleAssignments.empty(n - len(self.best_class))
@@ -84,11 +91,19 @@ class Class2DModel:
         g = self.grid
         apix = params.working_pixel_size_A
         max_r = g.radius_for_resolution(params.max_align_res_A, apix)
-        min_r = (g.radius_for_resolution(params.min_align_res_A, apix)
-                 if params.min_align_res_A else 0.0)
+        min_r = (
+            g.radius_for_resolution(params.min_align_res_A, apix)
+            if params.min_align_res_A
+            else 0.0
+        )
         self.space = SearchSpace.create(
-            g, params.inplane_step_deg, params.max_shift_A / apix, min_r, max_r,
-            config.n_classes, device,
+            g,
+            params.inplane_step_deg,
+            params.max_shift_A / apix,
+            min_r,
+            max_r,
+            config.n_classes,
+            device,
         )
         self.align_grid = g.subset(self.space.align_band)
         radius = int(math.ceil(params.max_shift_A / apix)) + 2
@@ -102,16 +117,21 @@ class Class2DModel:
         self.references = torch.zeros((k, g.box, g.box), device=device)
         self.resolution = torch.full((k,), float("inf"), device=device)
         self.frc = torch.zeros((k, g.n_rings), device=device)
-        self.mask = soft_circle(g.box, 0.5 * params.mask_inner_diameter_A / apix,
-                                0.5 * params.mask_outer_diameter_A / apix, device)
+        self.mask = soft_circle(
+            g.box,
+            0.5 * params.mask_inner_diameter_A / apix,
+            0.5 * params.mask_outer_diameter_A / apix,
+            device,
+        )
         self.support = self.mask > 0
         self.initialised = False
 
     # -- state for checkpoints ---------------------------------------------------------
     def state_dict(self) -> dict:
-        return {n: getattr(self, n).cpu() for n in
-                ("num", "den", "noise", "prior", "references", "resolution", "frc")} | {
-            "initialised": self.initialised}
+        return {
+            n: getattr(self, n).cpu()
+            for n in ("num", "den", "noise", "prior", "references", "resolution", "frc")
+        } | {"initialised": self.initialised}
 
     def load_state_dict(self, state: dict) -> None:
         for n, v in state.items():
@@ -148,8 +168,9 @@ class Class2DModel:
         return fits
 
     # -- initialisation ----------------------------------------------------------------
-    def initialise(self, pool: ParticlePool, indices: np.ndarray, rng: np.random.Generator
-                   ) -> None:
+    def initialise(
+        self, pool: ParticlePool, indices: np.ndarray, rng: np.random.Generator
+    ) -> None:
         """References from averages of random particle subsets at random rotations."""
         k = self.config.n_classes
         order = rng.permutation(len(indices))
@@ -160,29 +181,40 @@ class Class2DModel:
         # initial noise: ring power of the particles themselves (signal + noise)
         power = torch.zeros(self.grid.n_rings, device=self.device)
         for s in range(0, len(indices), 1024):
-            x = pool.get(indices[s:s + 1024], self.device)[0]
+            x = pool.get(indices[s : s + 1024], self.device)[0]
             power += self.grid.ring_average(x.abs() ** 2).sum(0)
         self.noise = (power / len(indices)).clamp(min=1e-12)
         self.noise[0] = self.noise[1]
         num, den = self._accumulate(
-            pool, indices, torch.from_numpy(cls_of)[:, None], torch.from_numpy(rot)[:, None],
-            torch.zeros((len(indices), 1, 2)), torch.ones((len(indices), 1)),
+            pool,
+            indices,
+            torch.from_numpy(cls_of)[:, None],
+            torch.from_numpy(rot)[:, None],
+            torch.zeros((len(indices), 1, 2)),
+            torch.ones((len(indices), 1)),
         )
         self.num, self.den = num, den
         self._update_references(online=True)
         self.initialised = True
 
     # -- one iteration -----------------------------------------------------------------
-    def iterate(self, pool: ParticlePool, indices: np.ndarray, assignments: ParticleAssignments,
-                annealing: float, step_size: float, hard: bool, online: bool,
-                rng: np.random.Generator) -> IterationStats:
+    def iterate(
+        self,
+        pool: ParticlePool,
+        indices: np.ndarray,
+        assignments: ParticleAssignments,
+        annealing: float,
+        step_size: float,
+        hard: bool,
+        online: bool,
+        rng: np.random.Generator,
+    ) -> IterationStats:
         """One EM iteration over the particles at ``indices``; updates ``assignments``."""
         t0 = time.perf_counter()
         cfg = self.config
         k = cfg.n_classes
         band = self.space.align_band
-        table = rotated_coefficients(self.references, self.space.fine_angles_deg,
-                                     self.align_grid)
+        table = rotated_coefficients(self.references, self.space.fine_angles_deg, self.align_grid)
         tables = SearchTables.build(table, self.space, self.align_phases)
         t_table = time.perf_counter() - t0
         weight = self._weight()
@@ -196,12 +228,21 @@ class Class2DModel:
         noise_sum = torch.zeros(self.grid.n_rings, device=self.device)
         t_search = 0.0
         for s in range(0, n, chunk):
-            idx = indices[s:s + chunk]
+            idx = indices[s : s + chunk]
             x, ctf_vals, _ = pool.get(idx, self.device)
             ctf = self._model_ctf(ctf_vals)
             ts = time.perf_counter()
-            res = search(x, ctf, w_align, tables, self.space, self.grid,
-                         cfg.force_max_over_poses, annealing, self.align_phases)
+            res = search(
+                x,
+                ctf,
+                w_align,
+                tables,
+                self.space,
+                self.grid,
+                cfg.force_max_over_poses,
+                annealing,
+                self.align_phases,
+            )
             t_search += time.perf_counter() - ts
             logp = log_prior + res.class_loglik / annealing
             gamma = torch.softmax(logp, 1)  # (B, K)
@@ -223,8 +264,9 @@ class Class2DModel:
             pos = (res.classes == best[:, None]).float().argmax(1)
             rot_b = res.rotation.gather(1, pos[:, None])[:, 0]
             sh_b = res.shift.gather(1, pos[:, None, None].expand(-1, 1, 2))[:, 0]
-            ps = res.pose_scores.gather(1, pos[:, None, None].expand(
-                -1, 1, res.pose_scores.shape[-1]))[:, 0]
+            ps = res.pose_scores.gather(
+                1, pos[:, None, None].expand(-1, 1, res.pose_scores.shape[-1])
+            )[:, 0]
             p_pose = torch.softmax(ps / annealing, -1)
             const = -(w_align * x.abs() ** 2).sum(1)
             sel = np.asarray(idx)
@@ -234,17 +276,23 @@ class Class2DModel:
             assignments.max_prob[sel] = (gamma.max(1).values * p_pose.max(-1).values).cpu().numpy()
             assignments.ess_pose[sel] = (1.0 / (p_pose**2).sum(-1)).cpu().numpy()
             assignments.ess_class[sel] = ess_class.cpu().numpy()
-            assignments.loglik[sel] = (res.class_loglik.gather(1, best[:, None])[:, 0]
-                                       + const).cpu().numpy()
+            assignments.loglik[sel] = (
+                (res.class_loglik.gather(1, best[:, None])[:, 0] + const).cpu().numpy()
+            )
             # noise: residual power at the best class and pose
             tmpl = table.reshape(k * self.space.n_fine, -1)[best * self.space.n_fine + rot_b]
             model = ctf[:, band] * tmpl * self.align_phases(sh_b).conj()
             noise_sum += self.align_grid.ring_average((x[:, band] - model).abs() ** 2).sum(0)
         t_e = time.perf_counter() - t0
         counts_hard = np.bincount(assignments.best_class[indices], minlength=k)
-        num, den = self._accumulate(pool, indices, torch.cat(contrib_cls),
-                                    torch.cat(contrib_rot), torch.cat(contrib_shift),
-                                    torch.cat(contrib_w))
+        num, den = self._accumulate(
+            pool,
+            indices,
+            torch.cat(contrib_cls),
+            torch.cat(contrib_rot),
+            torch.cat(contrib_shift),
+            torch.cat(contrib_w),
+        )
         eta = step_size
         self.num = (1 - eta) * self.num + eta * num
         self.den = (1 - eta) * self.den + eta * den
@@ -252,8 +300,7 @@ class Class2DModel:
         in_band = torch.bincount(self.align_grid.ring, minlength=self.grid.n_rings) > 0
         batch_noise = torch.where(in_band, noise_sum / n, self.noise)
         if cfg.white_noise:
-            batch_noise = torch.full_like(batch_noise, float(
-                (batch_noise[self.grid.ring]).mean()))
+            batch_noise = torch.full_like(batch_noise, float((batch_noise[self.grid.ring]).mean()))
         self.noise = ((1 - eta) * self.noise + eta * batch_noise).clamp(min=1e-12)
         soft = counts_soft / n
         self.prior = ((1 - eta) * self.prior + eta * soft).clamp(min=1e-8)
@@ -262,20 +309,37 @@ class Class2DModel:
             self._reseed(pool, indices, assignments, counts_soft, rng)
         self._update_references(online=online)
         t_m = time.perf_counter() - t0 - t_e
-        evals = n * (k * self.space.n_coarse * self.space.coarse_shifts.shape[0]
-                     + k + self.space.n_refine * (self.space.refine_offsets.numel() + 9))
+        evals = n * (
+            k * self.space.n_coarse * self.space.coarse_shifts.shape[0]
+            + k
+            + self.space.n_refine * (self.space.refine_offsets.numel() + 9)
+        )
         eca = (ess_sum / torch.as_tensor(counts_hard, device=self.device).clamp(min=1)).cpu()
         return IterationStats(
-            counts_hard=counts_hard, counts_soft=counts_soft.cpu().numpy(),
-            eca=eca.numpy(), n_particles=n, n_evaluations=float(evals),
-            timings={"references_s": t_table, "search_s": t_search, "e_step_s": t_e,
-                     "m_step_s": t_m, "evaluations_per_s": evals / max(t_search, 1e-9)},
+            counts_hard=counts_hard,
+            counts_soft=counts_soft.cpu().numpy(),
+            eca=eca.numpy(),
+            n_particles=n,
+            n_evaluations=float(evals),
+            timings={
+                "references_s": t_table,
+                "search_s": t_search,
+                "e_step_s": t_e,
+                "m_step_s": t_m,
+                "evaluations_per_s": evals / max(t_search, 1e-9),
+            },
         )
 
     # -- M-step ------------------------------------------------------------------------
-    def _accumulate(self, pool: ParticlePool, indices: np.ndarray, classes: torch.Tensor,
-                    rotations: torch.Tensor, shifts: torch.Tensor, weights: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _accumulate(
+        self,
+        pool: ParticlePool,
+        indices: np.ndarray,
+        classes: torch.Tensor,
+        rotations: torch.Tensor,
+        shifts: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sufficient statistics of the given contributions, per half set.
 
         ``classes, rotations, weights``: ``(n, N)``; ``shifts``: ``(n, N, 2)`` px.
@@ -292,7 +356,7 @@ class Class2DModel:
         if self.device.type == "cpu":
             chunk = min(chunk, 128)
         for s in range(0, rows.numel(), chunk):
-            r, c = rows[s:s + chunk], cols[s:s + chunk]
+            r, c = rows[s : s + chunk], cols[s : s + chunk]
             pidx = indices[r.numpy()]
             x, ctf_vals, params = pool.get(pidx, self.device)
             kk = classes[r, c].to(self.device)
@@ -302,15 +366,22 @@ class Class2DModel:
             data_ctf = torch.ones_like(ctf_vals) if mode == "off" else ctf_vals
             vals = (w[:, None] * weight) * data_ctf * x * self.phases(sh)
             vals = back_rotate(vals, angle, g)
-            dens = (w[:, None] * weight) * rotated_ctf_weight(params, angle, g,
-                                                              self.pixel_size_A, mode)
+            dens = (w[:, None] * weight) * rotated_ctf_weight(
+                params, angle, g, self.pixel_size_A, mode
+            )
             slot = half[r].to(self.device) * k + kk
             num.view(2 * k, -1).index_add_(0, slot, vals)
             den.view(2 * k, -1).index_add_(0, slot, dens)
         return num, den
 
-    def _reseed(self, pool: ParticlePool, indices: np.ndarray, assignments: ParticleAssignments,
-                counts_soft: torch.Tensor, rng: np.random.Generator) -> None:
+    def _reseed(
+        self,
+        pool: ParticlePool,
+        indices: np.ndarray,
+        assignments: ParticleAssignments,
+        counts_soft: torch.Tensor,
+        rng: np.random.Generator,
+    ) -> None:
         """Refill emptied classes by splitting the most populated class of this batch.
 
         The donor's worse-fitting half (by log-likelihood) seeds the emptied class at
@@ -332,7 +403,9 @@ class Class2DModel:
             worse = members[ll <= np.median(ll)]
             rot = np.round(assignments.psi_deg[worse] / (360.0 / self.space.n_fine)).astype(int)
             num, den = self._accumulate(
-                pool, worse, torch.full((len(worse), 1), e),
+                pool,
+                worse,
+                torch.full((len(worse), 1), e),
                 torch.from_numpy(rot % self.space.n_fine)[:, None],
                 torch.from_numpy(assignments.shift_px[worse]).float()[:, None, :],
                 torch.ones((len(worse), 1)),
@@ -362,10 +435,12 @@ class Class2DModel:
                 avg = avg * phase
                 images = g.inverse(avg) * self.mask
                 if cfg.clamp_solvent:
-                    images = clamp_solvent(self.num.sum(0), total_den, inv_tau2, self.support,
-                                           g, images)
-        halves = [wiener(self.num[h], self.den[h], g, cfg.regularisation_factor)[0]
-                  for h in (0, 1)]
+                    images = clamp_solvent(
+                        self.num.sum(0), total_den, inv_tau2, self.support, g, images
+                    )
+        halves = [
+            wiener(self.num[h], self.den[h], g, cfg.regularisation_factor)[0] for h in (0, 1)
+        ]
         halves = [g.forward(g.inverse(a) * self.mask) for a in halves]
         self.frc, self.resolution = frc_resolution(halves[0], halves[1], g, self.pixel_size_A)
         self.references = images

@@ -43,8 +43,14 @@ class ParticlePool:
         Particles preprocessed at a time (bounds memory).
     """
 
-    def __init__(self, params: ResolvedParams, grid: FourierGrid, cache_dir: Path | None = None,
-                 seed: int = 0, chunk_size: int = 512):
+    def __init__(
+        self,
+        params: ResolvedParams,
+        grid: FourierGrid,
+        cache_dir: Path | None = None,
+        seed: int = 0,
+        chunk_size: int = 512,
+    ):
         self.params = params
         self.grid = grid
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -65,12 +71,17 @@ class ParticlePool:
         self._window = soft_circle(d0, 0.85 * d0 / 2, 0.99 * d0 / 2)
         self._full_grid = FourierGrid.create(d0)
         # kept coefficients of the working box, located in the original box's list
-        lookup = {(int(y), int(x)): i for i, (y, x) in
-                  enumerate(zip(self._full_grid.ky.tolist(), self._full_grid.kx.tolist(),
-                                strict=True))}
+        lookup = {
+            (int(y), int(x)): i
+            for i, (y, x) in enumerate(
+                zip(self._full_grid.ky.tolist(), self._full_grid.kx.tolist(), strict=True)
+            )
+        }
         self._crop_index = torch.tensor(
-            [lookup[(int(y), int(x))] for y, x in zip(grid.ky.tolist(), grid.kx.tolist(),
-                                                      strict=True)],
+            [
+                lookup[(int(y), int(x))]
+                for y, x in zip(grid.ky.tolist(), grid.kx.tolist(), strict=True)
+            ],
             dtype=torch.long,
         )
         self._scale = grid.box / d0
@@ -105,16 +116,20 @@ class ParticlePool:
         ctf_vals = self._new_block(n, "ctf", (self.grid.n,))
         for start in range(0, n, self.chunk_size):  # CTF once per particle, cached
             sel = slice(start, min(start + self.chunk_size, n))
-            vals = (ctf_values(torch.from_numpy(ctf[sel]), self.grid, p.working_pixel_size_A)
-                    if particles.has_ctf else torch.ones((sel.stop - sel.start, self.grid.n)))
+            vals = (
+                ctf_values(torch.from_numpy(ctf[sel]), self.grid, p.working_pixel_size_A)
+                if particles.has_ctf
+                else torch.ones((sel.stop - sel.start, self.grid.n))
+            )
             ctf_vals[sel] = vals.to(torch.float16).numpy()
         for idx, images in particles.chunks(self.chunk_size):
             x = torch.from_numpy(images)
             if not torch.isfinite(x).all():
                 bad = int(idx[torch.nonzero(~torch.isfinite(x).flatten(1).all(1))[0, 0]])
-                raise ParticleFileError(particles.source_path,
-                                        "image holds NaN or infinite values", row=bad)
-            coeffs[idx[0]:idx[-1] + 1] = self._preprocess(x)
+                raise ParticleFileError(
+                    particles.source_path, "image holds NaN or infinite values", row=bad
+                )
+            coeffs[idx[0] : idx[-1] + 1] = self._preprocess(x)
         if self.cache_dir is not None:
             coeffs.flush()
             ctf_vals.flush()
@@ -159,13 +174,15 @@ class ParticlePool:
             self._ctf.append(self._ctf_array(particles))
             self.sets.append(particles)
             self._starts.append(self.n + particles.n_particles)
-            self.has_ctf = np.concatenate([self.has_ctf, np.full(particles.n_particles,
-                                                                  particles.has_ctf)])
+            self.has_ctf = np.concatenate(
+                [self.has_ctf, np.full(particles.n_particles, particles.has_ctf)]
+            )
         self.half = np.asarray(half)
 
     # -- reading --------------------------------------------------------------------
-    def get(self, indices: np.ndarray, device: torch.device | str = "cpu"
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def get(
+        self, indices: np.ndarray, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Particles at ``indices``: coefficients (complex64 ``(B, F)``), CTF values at the
         kept frequencies (``(B, F)``) and CTF parameters (``(B, 8)``)."""
         indices = np.asarray(indices, dtype=np.int64)
@@ -180,9 +197,11 @@ class ParticlePool:
             ctf_vals[sel] = self._ctf_values[b][local]
             params[sel] = self._ctf[b][local]
         t = torch.from_numpy(coeffs.astype(np.float32)).to(device)
-        return (torch.complex(t[:, 0], t[:, 1]),
-                torch.from_numpy(ctf_vals.astype(np.float32)).to(device),
-                torch.from_numpy(params).to(device))
+        return (
+            torch.complex(t[:, 0], t[:, 1]),
+            torch.from_numpy(ctf_vals.astype(np.float32)).to(device),
+            torch.from_numpy(params).to(device),
+        )
 
     def chunk_size_for(self, bytes_per_particle: float, budget_GB: float) -> int:
         """Particles per chunk so that ``bytes_per_particle`` each fit the budget (GiB)."""
@@ -200,4 +219,3 @@ def working_grid(params: ResolvedParams) -> FourierGrid:
 def rings_per_resolution(params: ResolvedParams, res_A: float) -> float:
     """Fourier radius (cycles per working box) of a resolution in Å."""
     return params.working_box * params.working_pixel_size_A / res_A if res_A > 0 else math.inf
-

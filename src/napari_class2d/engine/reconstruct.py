@@ -9,8 +9,7 @@ from napari_class2d.engine.ctf import ctf_at
 from napari_class2d.engine.fourier import FourierGrid, rotate_images
 
 
-def back_rotate(values: torch.Tensor, angles_deg: torch.Tensor, grid: FourierGrid
-                ) -> torch.Tensor:
+def back_rotate(values: torch.Tensor, angles_deg: torch.Tensor, grid: FourierGrid) -> torch.Tensor:
     """Turn coefficients seen at in-plane angle ψ back to the class frame.
 
     A contribution ``ν(f)`` of a particle at angle ψ estimates ``Â(R_{-ψ} f)``;
@@ -21,8 +20,13 @@ def back_rotate(values: torch.Tensor, angles_deg: torch.Tensor, grid: FourierGri
     return grid.forward(rotate_images(images, -angles_deg, mode="bicubic"))
 
 
-def rotated_ctf_weight(params: torch.Tensor, angles_deg: torch.Tensor, grid: FourierGrid,
-                       pixel_size_A: float, mode: str) -> torch.Tensor:
+def rotated_ctf_weight(
+    params: torch.Tensor,
+    angles_deg: torch.Tensor,
+    grid: FourierGrid,
+    pixel_size_A: float,
+    mode: str,
+) -> torch.Tensor:
     """Wiener denominator contribution in the class frame for particles at angle ψ.
 
     ``CTF(R_ψ g)`` is the CTF with its astigmatism angle turned by ``-ψ``, so it is
@@ -37,8 +41,9 @@ def rotated_ctf_weight(params: torch.Tensor, angles_deg: torch.Tensor, grid: Fou
     return c * c if mode == "full" else c.abs()
 
 
-def wiener(num: torch.Tensor, den: torch.Tensor, grid: FourierGrid, regularisation: float
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def wiener(
+    num: torch.Tensor, den: torch.Tensor, grid: FourierGrid, regularisation: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Regularised class averages ``num / (den + 1/τ²)`` and the prior ``1/τ²``.
 
     ``τ²`` per class and ring is ``regularisation`` (RELION's T) times the signal
@@ -53,9 +58,15 @@ def wiener(num: torch.Tensor, den: torch.Tensor, grid: FourierGrid, regularisati
     return num / (den + inv_tau2), inv_tau2
 
 
-def clamp_solvent(num: torch.Tensor, den: torch.Tensor, inv_tau2: torch.Tensor,
-                  support: torch.Tensor, grid: FourierGrid, start: torch.Tensor,
-                  n_iter: int = 12) -> torch.Tensor:
+def clamp_solvent(
+    num: torch.Tensor,
+    den: torch.Tensor,
+    inv_tau2: torch.Tensor,
+    support: torch.Tensor,
+    grid: FourierGrid,
+    start: torch.Tensor,
+    n_iter: int = 12,
+) -> torch.Tensor:
     """Class averages that minimise the Wiener objective with zero density outside ``support``.
 
     Solves ``min_a Σ_f (den + 1/τ²)|â|² - 2 Re conj(â)·num`` over images ``a`` that
@@ -102,8 +113,13 @@ def centre_of_mass_shift(images: torch.Tensor, threshold: float, binary: bool) -
     return shift
 
 
-def frc_resolution(a: torch.Tensor, b: torch.Tensor, grid: FourierGrid, pixel_size_A: float,
-                   threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+def frc_resolution(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    grid: FourierGrid,
+    pixel_size_A: float,
+    threshold: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class FRC of two half-set averages and the resolution (Å) where it drops below 0.5.
 
     ``a, b``: ``(K, F)`` complex. Returns ``(frc (K, rings), resolution (K,))``;
@@ -114,9 +130,15 @@ def frc_resolution(a: torch.Tensor, b: torch.Tensor, grid: FourierGrid, pixel_si
     frc = num / den.clamp(min=1e-30)
     rings = torch.arange(grid.n_rings, device=a.device)
     below = (frc < threshold) & (rings >= 1)
-    first = torch.where(below.any(-1), below.float().argmax(-1), torch.full_like(
-        below[:, 0], grid.n_rings - 1, dtype=torch.long))
+    first = torch.where(
+        below.any(-1),
+        below.float().argmax(-1),
+        torch.full_like(below[:, 0], grid.n_rings - 1, dtype=torch.long),
+    )
     last_good = (first - 1).clamp(min=0).float()
-    res = torch.where(last_good > 0, grid.box * pixel_size_A / last_good.clamp(min=1),
-                      torch.full_like(last_good, float("inf")))
+    res = torch.where(
+        last_good > 0,
+        grid.box * pixel_size_A / last_good.clamp(min=1),
+        torch.full_like(last_good, float("inf")),
+    )
     return frc, res

@@ -73,9 +73,16 @@ class SearchSpace:
         return self.n_fine // self.stride
 
     @classmethod
-    def create(cls, grid: FourierGrid, inplane_step_deg: float, max_shift_px: float,
-               min_align_radius: float, max_align_radius: float, n_classes: int,
-               device: torch.device) -> SearchSpace:
+    def create(
+        cls,
+        grid: FourierGrid,
+        inplane_step_deg: float,
+        max_shift_px: float,
+        min_align_radius: float,
+        max_align_radius: float,
+        n_classes: int,
+        device: torch.device,
+    ) -> SearchSpace:
         align = grid.band(max(min_align_radius, 0.5), max_align_radius)
         r_coarse = min(max_align_radius, max(8.0, 0.2 * max_align_radius))
         coarse = grid.band(max(min_align_radius, 0.5), r_coarse)
@@ -135,8 +142,9 @@ class SearchResult:
     pose_scores: torch.Tensor
 
 
-_NEIGHBOURS = torch.tensor([[dx, dy] for dy in (-1, 0, 1) for dx in (-1, 0, 1)],
-                           dtype=torch.float32)
+_NEIGHBOURS = torch.tensor(
+    [[dx, dy] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], dtype=torch.float32
+)
 
 
 class PhaseTable:
@@ -207,19 +215,30 @@ class SearchTables:
     def build(cls, table: torch.Tensor, space: SearchSpace, phases: PhaseTable) -> SearchTables:
         k = table.shape[0]
         cb = space.coarse_in_align
-        tc = table[:, ::space.stride][:, :, cb]  # (K, Rc, Fc)
+        tc = table[:, :: space.stride][:, :, cb]  # (K, Rc, Fc)
         return cls(
             table=table.contiguous(),
             coarse_real=_real(tc).reshape(k * space.n_coarse, -1).T.contiguous(),
-            coarse_power=torch.view_as_real(tc).square().sum(-1)
-            .reshape(k * space.n_coarse, -1).T.contiguous(),
+            coarse_power=torch.view_as_real(tc)
+            .square()
+            .sum(-1)
+            .reshape(k * space.n_coarse, -1)
+            .T.contiguous(),
             coarse_phases=phases.table[phases.index(space.coarse_shifts)][:, cb].contiguous(),
         )
 
 
-def search(x: torch.Tensor, ctf: torch.Tensor, weight: torch.Tensor, tables: SearchTables,
-           space: SearchSpace, grid: FourierGrid, force_max: bool, annealing: float,
-           phases: PhaseTable) -> SearchResult:
+def search(
+    x: torch.Tensor,
+    ctf: torch.Tensor,
+    weight: torch.Tensor,
+    tables: SearchTables,
+    space: SearchSpace,
+    grid: FourierGrid,
+    force_max: bool,
+    annealing: float,
+    phases: PhaseTable,
+) -> SearchResult:
     """Score the classes for a chunk of particles.
 
     Parameters
@@ -285,8 +304,12 @@ def search(x: torch.Tensor, ctf: torch.Tensor, weight: torch.Tensor, tables: Sea
     wc2_n = wc2.repeat_interleave(n, 0)
     evaluated = [score_b[..., None]]
     fine_offsets = torch.tensor([-2, -1, 1, 2], device=dev)
-    for kind, offs in (("rot", space.refine_offsets), ("shift", 1.0), ("shift", 0.5),
-                       ("rot", fine_offsets)):
+    for kind, offs in (
+        ("rot", space.refine_offsets),
+        ("shift", 1.0),
+        ("shift", 0.5),
+        ("rot", fine_offsets),
+    ):
         if kind == "rot":
             rots = (rot_b[..., None] + offs) % n_fine  # (B, N, J)
             j = rots.shape[-1]
