@@ -245,11 +245,14 @@ class Class2DJobWidget(QWidget):
             path = Path(text)
             if not path.exists():
                 raise ValueError(f"{path}: does not exist")
+            out = self.output_dir.value
 
             def watcher():
                 from napari_class2d.stream.watcher import FolderWatcher
 
-                return FolderWatcher(path)
+                # never import the job's own outputs when they sit inside the watched folder
+                exclude = [Path(out)] if out is not None and str(out) not in ("", ".") else []
+                return FolderWatcher(path, exclude=exclude)
 
             return str(path), watcher
         layer = self._selected_layer()
