@@ -402,7 +402,9 @@ class Class2DJob:
         return pd.DataFrame(
             {
                 "rlnClassNumber": np.where(visited, a.best_class + 1, 0).astype(int),
-                "rlnAnglePsi": a.psi_deg,
+                # engine: particle = class turned by +psi with y along rows; RELION's psi turns
+            # the other way in that frame (docs/simulation.md, checked against its projector)
+            "rlnAnglePsi": np.mod(-a.psi_deg, 360.0),
                 "rlnOriginXAngst": -a.shift_px[:, 0] * apix,
                 "rlnOriginYAngst": -a.shift_px[:, 1] * apix,
                 "rlnMaxValueProbDistribution": a.max_prob,
