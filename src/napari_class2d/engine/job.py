@@ -403,8 +403,8 @@ class Class2DJob:
             {
                 "rlnClassNumber": np.where(visited, a.best_class + 1, 0).astype(int),
                 # engine: particle = class turned by +psi with y along rows; RELION's psi turns
-            # the other way in that frame (docs/simulation.md, checked against its projector)
-            "rlnAnglePsi": np.mod(-a.psi_deg, 360.0),
+                # the other way in that frame (docs/simulation.md, checked against its projector)
+                "rlnAnglePsi": np.mod(-a.psi_deg, 360.0),
                 "rlnOriginXAngst": -a.shift_px[:, 0] * apix,
                 "rlnOriginYAngst": -a.shift_px[:, 1] * apix,
                 "rlnMaxValueProbDistribution": a.max_prob,

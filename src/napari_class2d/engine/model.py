@@ -24,7 +24,7 @@ from napari_class2d.engine.reconstruct import (
     back_rotate,
     centre_of_mass_shift,
     clamp_solvent,
-    frc_resolution,
+    resolution_from_frc,
     rotated_ctf_weight,
     wiener,
 )
@@ -421,11 +421,11 @@ class Class2DModel:
     def _update_references(self, online: bool) -> None:
         """Wiener averages, mask or clamp-solvent, re-centring, FRC resolution."""
         cfg, g = self.config, self.grid
-        total_num, total_den = self.num.sum(0), self.den.sum(0)
-        avg, inv_tau2 = wiener(total_num, total_den, g, cfg.regularisation_factor)
+        total_den = self.den.sum(0)
+        avg, inv_tau2, frc = wiener(self.num, self.den, g, cfg.regularisation_factor)
         images = g.inverse(avg) * self.mask
         if cfg.clamp_solvent:
-            images = clamp_solvent(total_num, total_den, inv_tau2, self.support, g, images)
+            images = clamp_solvent(self.num.sum(0), total_den, inv_tau2, self.support, g, images)
         if cfg.recenter:
             shift = centre_of_mass_shift(images, cfg.recenter_threshold, cfg.recenter_binary)
             shift = torch.where(shift.norm(dim=-1, keepdim=True) > 0.5, shift, 0.0)
@@ -438,11 +438,8 @@ class Class2DModel:
                     images = clamp_solvent(
                         self.num.sum(0), total_den, inv_tau2, self.support, g, images
                     )
-        halves = [
-            wiener(self.num[h], self.den[h], g, cfg.regularisation_factor)[0] for h in (0, 1)
-        ]
-        halves = [g.forward(g.inverse(a) * self.mask) for a in halves]
-        self.frc, self.resolution = frc_resolution(halves[0], halves[1], g, self.pixel_size_A)
+        self.frc = frc
+        self.resolution = resolution_from_frc(frc, g, self.pixel_size_A)
         self.references = images
 
     # -- reporting ---------------------------------------------------------------------

@@ -43,19 +43,43 @@ def rotated_ctf_weight(
 
 def wiener(
     num: torch.Tensor, den: torch.Tensor, grid: FourierGrid, regularisation: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Regularised class averages ``num / (den + 1/τ²)`` and the prior ``1/τ²``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Regularised class averages ``num / (den + 1/τ²)`` with τ² from the half-set FRC.
 
-    ``τ²`` per class and ring is ``regularisation`` (RELION's T) times the signal
-    power estimated from the data: ``<|num/den|²> - <1/den>`` over the ring.
-    ``num``: ``(..., K, F)`` complex, ``den``: same shape, real.
+    The two half-set averages ``num_h / den_h`` give each class's FRC per ring; the
+    full set's spectral SNR is ``SSNR = FSC/(1 - FSC)`` with ``FSC = 2 FRC/(1 + FRC)``,
+    and ``τ² = T · SSNR · <1/den>`` (``<1/den>``: the noise variance of the
+    unregularised average), so the filter is the Wiener filter of the measured SNR.
+    Rescaling the noise model leaves the averages unchanged, so a noise estimate that
+    over-fits cannot leave noise in the averages.
+
+    Parameters
+    ----------
+    num, den
+        ``(2, K, F)`` half-set statistics (complex, real).
+    regularisation
+        RELION's T: weight of the data against the prior.
+
+    Returns
+    -------
+    tuple
+        Full average ``(K, F)``, ``1/τ²`` per coefficient ``(K, F)`` and the half-set
+        FRC ``(K, rings)``.
     """
-    safe = den.clamp(min=1e-6 * den.mean().clamp(min=1e-30))
-    power = grid.ring_average((num.abs() ** 2) / safe**2) - grid.ring_average(1.0 / safe)
-    floor = 1e-3 * power.clamp(min=0).amax(-1, keepdim=True).clamp(min=1e-20)
-    tau2 = regularisation * torch.maximum(power, floor)
+    eps = 1e-6 * den.mean().clamp(min=1e-30)
+    halves = num / den.clamp(min=eps)
+    a, b = halves[0], halves[1]
+    cross = grid.ring_average((a * b.conj()).real)
+    norm = torch.sqrt(grid.ring_average(a.abs() ** 2) * grid.ring_average(b.abs() ** 2))
+    frc = cross / norm.clamp(min=1e-30)
+    total_num, total_den = num.sum(0), den.sum(0)
+    r = frc.clamp(1e-4, 0.999)
+    fsc = 2 * r / (1 + r)
+    ssnr = fsc / (1 - fsc)
+    noise = grid.ring_average(1.0 / total_den.clamp(min=eps))
+    tau2 = (regularisation * ssnr * noise).clamp(min=1e-30)
     inv_tau2 = (1.0 / tau2)[..., grid.ring]
-    return num / (den + inv_tau2), inv_tau2
+    return total_num / (total_den + inv_tau2), inv_tau2, frc
 
 
 def clamp_solvent(
@@ -113,22 +137,14 @@ def centre_of_mass_shift(images: torch.Tensor, threshold: float, binary: bool) -
     return shift
 
 
-def frc_resolution(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    grid: FourierGrid,
-    pixel_size_A: float,
-    threshold: float = 0.5,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class FRC of two half-set averages and the resolution (Å) where it drops below 0.5.
+def resolution_from_frc(
+    frc: torch.Tensor, grid: FourierGrid, pixel_size_A: float, threshold: float = 0.5
+) -> torch.Tensor:
+    """Resolution (Å) of each class: the last ring before its FRC drops below ``threshold``.
 
-    ``a, b``: ``(K, F)`` complex. Returns ``(frc (K, rings), resolution (K,))``;
-    the resolution is ``inf`` when even the first ring is below the threshold.
+    ``frc``: ``(K, rings)``. ``inf`` when even the first ring is below the threshold.
     """
-    num = grid.ring_average((a * b.conj()).real)
-    den = torch.sqrt(grid.ring_average(a.abs() ** 2) * grid.ring_average(b.abs() ** 2))
-    frc = num / den.clamp(min=1e-30)
-    rings = torch.arange(grid.n_rings, device=a.device)
+    rings = torch.arange(grid.n_rings, device=frc.device)
     below = (frc < threshold) & (rings >= 1)
     first = torch.where(
         below.any(-1),
@@ -136,9 +152,8 @@ def frc_resolution(
         torch.full_like(below[:, 0], grid.n_rings - 1, dtype=torch.long),
     )
     last_good = (first - 1).clamp(min=0).float()
-    res = torch.where(
+    return torch.where(
         last_good > 0,
         grid.box * pixel_size_A / last_good.clamp(min=1),
         torch.full_like(last_good, float("inf")),
     )
-    return frc, res
