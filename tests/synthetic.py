@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from napari_class2d.engine.ctf import ctf_values
+from napari_class2d.engine.ctf import CTF_COLUMNS, ctf_values
 from napari_class2d.engine.fourier import FourierGrid, rotate_images
 from napari_class2d.io.particles import CTFParams, ParticleSet
 
@@ -69,19 +69,7 @@ def make_particles(
             phase_shift_deg=np.zeros(n),
             bfactor_A2=np.zeros(n),
         )
-        cols = [
-            torch.from_numpy(np.asarray(getattr(params, k), np.float32))
-            for k in (
-                "defocus_u_A",
-                "defocus_v_A",
-                "astigmatism_angle_deg",
-                "voltage_kV",
-                "cs_mm",
-                "amplitude_contrast",
-                "phase_shift_deg",
-                "bfactor_A2",
-            )
-        ]
+        cols = [torch.from_numpy(np.asarray(getattr(params, k), np.float32)) for k in CTF_COLUMNS]
         coeffs = coeffs * ctf_values(torch.stack(cols, 1), grid, pixel_size_A)
     clean = grid.inverse(coeffs).numpy()
     signal_var = clean.var(axis=(1, 2)).mean()

@@ -201,3 +201,46 @@ def test_relion_pose_convention_matches_the_simulation_truth(tmp_path):
     pose = score["pose_error"]
     assert pose["fraction_psi_within_6deg"] >= 0.8, pose
     assert pose["fraction_shift_within_2px"] >= 0.8, pose
+
+
+STREAM_PARAMS = [
+    {"max_align_res_A": 20.0},
+    {"min_align_res_A": 50.0},
+    {"white_noise": True},
+    {"ctf_correction": "flip"},
+    {"ctf_correction": "off"},
+    {"clamp_solvent": True},
+    {"mask_inner_diameter_A": 80.0, "mask_outer_diameter_A": 100.0},
+    {"recenter": False},
+    {"force_max_over_poses": False},
+]
+
+
+@pytest.fixture(scope="module")
+def stream_default(data):
+    job = Class2DJob(
+        ListSource([data[0]]),
+        Class2DConfig(**(SMALL | {"n_online_em_iterations": 2})),
+        poll_seconds=0.0,
+    )
+    job.request_finish()
+    job.run_to_end()
+    return job.model.class_averages()
+
+
+@pytest.mark.parametrize("change", STREAM_PARAMS, ids=lambda c: ",".join(c))
+def test_every_parameter_acts_in_streaming_exactly_as_in_batch(data, stream_default, change):
+    """A streaming job honours each parameter: with every particle present it gives the
+    batch job's classes under that parameter, and those differ from the default's."""
+    ps = data[0]
+    cfg = Class2DConfig(**(SMALL | {"n_online_em_iterations": 2} | change))
+    batch = Class2DJob(ps, cfg)
+    batch.run_to_end()
+    stream = Class2DJob(ListSource([ps]), cfg, poll_seconds=0.0)
+    stream.request_finish()
+    stream.run_to_end()
+    np.testing.assert_array_equal(stream.assignments.best_class, batch.assignments.best_class)
+    np.testing.assert_allclose(
+        stream.model.class_averages(), batch.model.class_averages(), atol=1e-5
+    )
+    assert not np.allclose(stream.model.class_averages(), stream_default, atol=1e-6)
