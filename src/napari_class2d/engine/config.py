@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 CTFMode = Literal["full", "flip", "off"]
@@ -139,7 +139,6 @@ class Class2DConfig:
     full_iteration_every_n_new: int | None = None
     stream_mode: StreamMode = "full"
     full_pass_every_n_updates: int = 5
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     # -- derived values -------------------------------------------------------------
     @property
@@ -177,9 +176,7 @@ class Class2DConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        return d
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Class2DConfig:

@@ -78,14 +78,6 @@ class FourierGrid:
     def n_rings(self) -> int:
         return self.box // 2 + 1
 
-    def to(self, device: torch.device | str) -> FourierGrid:
-        return FourierGrid(
-            self.box,
-            *(getattr(self, k).to(device) for k in ("kx", "ky", "rows", "cols")),
-            self.radius.to(device),
-            self.ring.to(device),
-        )
-
     def quarter_turn(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Index and conjugation flags giving ``T(R_{-90°} f)`` from ``T`` on this grid.
 

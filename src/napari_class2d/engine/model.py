@@ -455,8 +455,3 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r}: no CUDA device is available")
     return dev
-
-
-def annealing_from_progress(config: Class2DConfig, progress: float) -> float:
-    """Annealing factor after ``progress`` online iterations (fractional allowed)."""
-    return config.annealing_factor(progress) if math.isfinite(progress) else 1.0

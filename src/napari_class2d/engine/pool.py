@@ -10,7 +10,6 @@ RAM runs from disk.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -207,15 +206,7 @@ class ParticlePool:
         """Particles per chunk so that ``bytes_per_particle`` each fit the budget (GiB)."""
         return max(1, min(4096, int(budget_GB * 2**30 / max(bytes_per_particle, 1.0))))
 
-    def estimated_cache_bytes(self, n: int) -> int:
-        return int(n * (2 * self.grid.n * 2 + 8 * 4))
-
 
 def working_grid(params: ResolvedParams) -> FourierGrid:
     """The kept frequencies of the working box."""
     return FourierGrid.create(params.working_box)
-
-
-def rings_per_resolution(params: ResolvedParams, res_A: float) -> float:
-    """Fourier radius (cycles per working box) of a resolution in Å."""
-    return params.working_box * params.working_pixel_size_A / res_A if res_A > 0 else math.inf
