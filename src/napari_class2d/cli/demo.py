@@ -48,9 +48,7 @@ def main(args: argparse.Namespace) -> int:
     config = Class2DConfig(
         n_classes=args.classes,
         max_res_A=10.0,
-        batch_size_per_class=50,
-        n_online_em_iterations=12,
-        n_annealing_iterations=8,
+        batch_size_per_class=100,
         seed=args.seed,
     )
     job = Class2DJob(particles, config, out_dir=out / "class2d", overwrite=args.overwrite)
