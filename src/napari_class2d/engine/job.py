@@ -103,6 +103,7 @@ class Class2DJob:
         self.incremental_updates = 0
         self.history: list[dict] = []
         self.done = False
+        self._first_batch: np.ndarray | None = None  # the mini-batch the references came from
         self._last_snapshot: IterationSnapshot | None = None
         if self.out_dir is not None:
             existing = [p for p in ("run_data.star", CHECKPOINT) if (self.out_dir / p).exists()]
@@ -246,8 +247,7 @@ class Class2DJob:
     def _online(self, advance: bool) -> IterationSnapshot:
         cfg = self.config
         j = self.online_done
-        indices = getattr(self, "_first_batch", None)
-        self._first_batch = None
+        indices, self._first_batch = self._first_batch, None
         if indices is None:
             indices = self._draw(cfg.online_batch_size)
         anneal = cfg.annealing_factor(j)
@@ -484,9 +484,9 @@ class Class2DJob:
             },
             "history": self.history,
             "source_state": self.source.state() if self.streaming else None,
-            "sets": [_picklable(s) for s in self.pool.sets],
+            "sets": self.pool.sets,
             "half": self.pool.half,
-            "first_batch": getattr(self, "_first_batch", None),
+            "first_batch": self._first_batch,
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.out_dir / (CHECKPOINT + ".tmp")
@@ -524,13 +524,3 @@ class Class2DJob:
         self._first_batch = state["first_batch"]
         if self.streaming and state["source_state"] is not None:
             self.source.restore(state["source_state"])
-
-
-def _picklable(particles: ParticleSet) -> ParticleSet:
-    """A copy whose image source holds no open memory maps (they are reopened lazily)."""
-    import copy
-
-    p = copy.copy(particles)
-    p.images = copy.copy(particles.images)
-    p.images._mmaps = {}
-    return p

@@ -91,6 +91,10 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.stack_index)
 
+    def __getstate__(self) -> dict:
+        # open memory maps are not part of the state: they reopen lazily on the next read
+        return {**self.__dict__, "_mmaps": OrderedDict()}
+
     @classmethod
     def from_array(cls, images: np.ndarray) -> ImageSource:
         images = np.asarray(images)
