@@ -194,7 +194,7 @@ class Class2DModel:
             torch.ones((len(indices), 1)),
         )
         self.num, self.den = num, den
-        self._update_references(online=True)
+        self._update_references()
         self.initialised = True
 
     # -- one iteration -----------------------------------------------------------------
@@ -309,7 +309,7 @@ class Class2DModel:
         self.prior = self.prior / self.prior.sum()
         if online and cfg.reseed_empty_classes:
             self._reseed(pool, indices, assignments, counts_soft, rng)
-        self._update_references(online=online)
+        self._update_references()
         t_m = time.perf_counter() - t0 - t_e
         evals = n * (
             k * self.space.n_coarse * self.space.coarse_shifts.shape[0]
@@ -420,26 +420,28 @@ class Class2DModel:
             best = np.where(np.isin(indices, worse), e, best)
         self.prior = self.prior / self.prior.sum()
 
-    def _update_references(self, online: bool) -> None:
+    def _update_references(self) -> None:
         """Wiener averages, mask or clamp-solvent, re-centring, FRC resolution."""
         cfg, g = self.config, self.grid
         total_den = self.den.sum(0)
         avg, inv_tau2, frc = wiener(self.num, self.den, g, cfg.regularisation_factor)
-        images = g.inverse(avg) * self.mask
-        if cfg.clamp_solvent:
-            images = clamp_solvent(self.num.sum(0), total_den, inv_tau2, self.support, g, images)
+
+        def masked_images(avg: torch.Tensor) -> torch.Tensor:
+            images = g.inverse(avg) * self.mask
+            if cfg.clamp_solvent:
+                images = clamp_solvent(
+                    self.num.sum(0), total_den, inv_tau2, self.support, g, images
+                )
+            return images
+
+        images = masked_images(avg)
         if cfg.recenter:
             shift = centre_of_mass_shift(images, cfg.recenter_threshold, cfg.recenter_binary)
             shift = torch.where(shift.norm(dim=-1, keepdim=True) > 0.5, shift, 0.0)
             if bool((shift != 0).any()):
                 phase = g.shift_phase(shift, -1.0)
                 self.num = self.num * phase[None]
-                avg = avg * phase
-                images = g.inverse(avg) * self.mask
-                if cfg.clamp_solvent:
-                    images = clamp_solvent(
-                        self.num.sum(0), total_den, inv_tau2, self.support, g, images
-                    )
+                images = masked_images(avg * phase)
         self.frc = frc
         self.resolution = resolution_from_frc(frc, g, self.pixel_size_A)
         self.references = images
