@@ -246,10 +246,7 @@ class Class2DModel:
             t_search += time.perf_counter() - ts
             logp = log_prior + res.class_loglik / annealing
             gamma = torch.softmax(logp, 1)  # (B, K)
-            # the best class among the refined ones, the only classes with a refined pose
-            # (a strong prior could otherwise favour a candidate scored at its coarse pose)
-            pos = gamma.gather(1, res.classes).argmax(1)
-            best = res.classes.gather(1, pos[:, None])[:, 0]
+            best = gamma.argmax(1)
             ess_class = 1.0 / (gamma**2).sum(1)
             if hard:
                 gamma = torch.nn.functional.one_hot(best, k).float()
@@ -263,7 +260,8 @@ class Class2DModel:
             contrib_rot.append(res.rotation.cpu())
             contrib_shift.append(res.shift.cpu())
             contrib_w.append(g_top.cpu())
-            # per-particle outputs at the best class
+            # per-particle outputs at the best class (the first refined class may differ)
+            pos = (res.classes == best[:, None]).float().argmax(1)
             rot_b = res.rotation.gather(1, pos[:, None])[:, 0]
             sh_b = res.shift.gather(1, pos[:, None, None].expand(-1, 1, 2))[:, 0]
             ps = res.pose_scores.gather(
