@@ -6,6 +6,8 @@ Online EM blends each mini-batch's statistics into the running ones with step
 size η: ``S ← (1 - η) S + η S_batch`` (η = 1 for the first online iteration
 and every full iteration, :data:`ONLINE_STEP_SIZE` afterwards), so the running
 statistics stay in "one mini-batch" units and old, worse alignments fade.
+The E-step aligns each half set to the other half's averages
+(:meth:`Class2DModel._search_references`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from napari_class2d.engine.reconstruct import (
     back_rotate,
     centre_of_mass_shift,
     clamp_solvent,
+    half_set_wiener,
     resolution_from_frc,
     rotated_ctf_weight,
     wiener,
@@ -34,6 +37,8 @@ from napari_class2d.engine.search import PhaseTable, SearchSpace, SearchTables, 
 ONLINE_STEP_SIZE = 0.5
 #: posteriors below this (relative to the particle's best class) do not enter the M-step
 MIN_WEIGHT = 0.01
+#: iterations aligned to the full averages before each half set is aligned to the other's
+CROSS_HALF_START = 3
 #: a class whose soft count falls below this fraction of the mean is "emptied"
 EMPTY_FRACTION = 0.05
 
@@ -125,13 +130,15 @@ class Class2DModel:
         )
         self.support = self.mask > 0
         self.initialised = False
+        #: M-steps from E-step assignments since the initialisation (see _search_references)
+        self.n_updates = 0
 
     # -- state for checkpoints ---------------------------------------------------------
     def state_dict(self) -> dict:
         return {
             n: getattr(self, n).cpu()
             for n in ("num", "den", "noise", "prior", "references", "resolution", "frc")
-        } | {"initialised": self.initialised}
+        } | {"initialised": self.initialised, "n_updates": self.n_updates}
 
     def load_state_dict(self, state: dict) -> None:
         for n, v in state.items():
@@ -196,6 +203,7 @@ class Class2DModel:
         self.num, self.den = num, den
         self._update_references()
         self.initialised = True
+        self.n_updates = 0
 
     # -- one iteration -----------------------------------------------------------------
     def iterate(
@@ -214,9 +222,6 @@ class Class2DModel:
         cfg = self.config
         k = cfg.n_classes
         band = self.space.align_band
-        table = rotated_coefficients(self.references, self.space.fine_angles_deg, self.align_grid)
-        tables = SearchTables.build(table, self.space, self.align_phases)
-        t_table = time.perf_counter() - t0
         weight = self._weight()
         w_align = weight * band
         log_prior = torch.log(self.prior.clamp(min=1e-12))
@@ -226,68 +231,85 @@ class Class2DModel:
         counts_soft = torch.zeros(k, device=self.device)
         ess_sum = torch.zeros(k, device=self.device)
         noise_sum = torch.zeros(self.grid.n_rings, device=self.device)
-        t_search = 0.0
-        for s in range(0, n, chunk):
-            idx = indices[s : s + chunk]
-            x, ctf_vals, _ = pool.get(idx, self.device)
-            ctf = self._model_ctf(ctf_vals)
-            ts = time.perf_counter()
-            res = search(
-                x,
-                ctf,
-                w_align,
-                tables,
-                self.space,
-                self.grid,
-                cfg.force_max_over_poses,
-                annealing,
-                self.align_phases,
+        t_search = t_table = 0.0
+        # each half set is aligned against the other half's references (see class docs)
+        half = pool.half[indices]
+        order = np.concatenate([indices[half == h] for h in (0, 1)])
+        search_refs = self._search_references()
+        for h in (0, 1):
+            members = indices[half == h]
+            if not len(members):
+                continue
+            tt = time.perf_counter()
+            table = rotated_coefficients(
+                search_refs[h], self.space.fine_angles_deg, self.align_grid
             )
-            t_search += time.perf_counter() - ts
-            logp = log_prior + res.class_loglik / annealing
-            gamma = torch.softmax(logp, 1)  # (B, K)
-            best = gamma.argmax(1)
-            ess_class = 1.0 / (gamma**2).sum(1)
-            if hard:
-                gamma = torch.nn.functional.one_hot(best, k).float()
-            # posterior of the refined classes only (others are negligible by construction)
-            g_top = gamma.gather(1, res.classes)
-            g_top = torch.where(g_top >= MIN_WEIGHT * g_top[:, :1], g_top, 0.0)
-            g_top = g_top / g_top.sum(1, keepdim=True).clamp(min=1e-30)
-            counts_soft += gamma.sum(0)
-            ess_sum.index_add_(0, best, ess_class)
-            contrib_cls.append(res.classes.cpu())
-            contrib_rot.append(res.rotation.cpu())
-            contrib_shift.append(res.shift.cpu())
-            contrib_w.append(g_top.cpu())
-            # per-particle outputs at the best class (the first refined class may differ)
-            pos = (res.classes == best[:, None]).float().argmax(1)
-            rot_b = res.rotation.gather(1, pos[:, None])[:, 0]
-            sh_b = res.shift.gather(1, pos[:, None, None].expand(-1, 1, 2))[:, 0]
-            ps = res.pose_scores.gather(
-                1, pos[:, None, None].expand(-1, 1, res.pose_scores.shape[-1])
-            )[:, 0]
-            p_pose = torch.softmax(ps / annealing, -1)
-            const = -(w_align * x.abs() ** 2).sum(1)
-            sel = np.asarray(idx)
-            assignments.best_class[sel] = best.cpu().numpy()
-            assignments.psi_deg[sel] = self.space.fine_angles_deg[rot_b].cpu().numpy()
-            assignments.shift_px[sel] = sh_b.cpu().numpy()
-            assignments.max_prob[sel] = (gamma.max(1).values * p_pose.max(-1).values).cpu().numpy()
-            assignments.ess_pose[sel] = (1.0 / (p_pose**2).sum(-1)).cpu().numpy()
-            assignments.ess_class[sel] = ess_class.cpu().numpy()
-            assignments.loglik[sel] = (
-                (res.class_loglik.gather(1, best[:, None])[:, 0] + const).cpu().numpy()
-            )
-            # noise: residual power at the best class and pose
-            tmpl = table.reshape(k * self.space.n_fine, -1)[best * self.space.n_fine + rot_b]
-            model = ctf[:, band] * tmpl * self.align_phases(sh_b).conj()
-            noise_sum += self.align_grid.ring_average((x[:, band] - model).abs() ** 2).sum(0)
+            tables = SearchTables.build(table, self.space, self.align_phases)
+            t_table += time.perf_counter() - tt
+            for s in range(0, len(members), chunk):
+                idx = members[s : s + chunk]
+                x, ctf_vals, _ = pool.get(idx, self.device)
+                ctf = self._model_ctf(ctf_vals)
+                ts = time.perf_counter()
+                res = search(
+                    x,
+                    ctf,
+                    w_align,
+                    tables,
+                    self.space,
+                    self.grid,
+                    cfg.force_max_over_poses,
+                    annealing,
+                    self.align_phases,
+                )
+                t_search += time.perf_counter() - ts
+                logp = log_prior + res.class_loglik / annealing
+                gamma = torch.softmax(logp, 1)  # (B, K)
+                best = gamma.argmax(1)
+                ess_class = 1.0 / (gamma**2).sum(1)
+                if hard:
+                    gamma = torch.nn.functional.one_hot(best, k).float()
+                # posterior of the refined classes only (others are negligible by construction)
+                g_top = gamma.gather(1, res.classes)
+                g_top = torch.where(g_top >= MIN_WEIGHT * g_top[:, :1], g_top, 0.0)
+                g_top = g_top / g_top.sum(1, keepdim=True).clamp(min=1e-30)
+                counts_soft += gamma.sum(0)
+                ess_sum.index_add_(0, best, ess_class)
+                contrib_cls.append(res.classes.cpu())
+                contrib_rot.append(res.rotation.cpu())
+                contrib_shift.append(res.shift.cpu())
+                contrib_w.append(g_top.cpu())
+                # per-particle outputs at the best class (the first refined class may differ)
+                pos = (res.classes == best[:, None]).float().argmax(1)
+                rot_b = res.rotation.gather(1, pos[:, None])[:, 0]
+                sh_b = res.shift.gather(1, pos[:, None, None].expand(-1, 1, 2))[:, 0]
+                ps = res.pose_scores.gather(
+                    1, pos[:, None, None].expand(-1, 1, res.pose_scores.shape[-1])
+                )[:, 0]
+                p_pose = torch.softmax(ps / annealing, -1)
+                const = -(w_align * x.abs() ** 2).sum(1)
+                sel = np.asarray(idx)
+                assignments.best_class[sel] = best.cpu().numpy()
+                assignments.psi_deg[sel] = self.space.fine_angles_deg[rot_b].cpu().numpy()
+                assignments.shift_px[sel] = sh_b.cpu().numpy()
+                assignments.max_prob[sel] = (
+                    (gamma.max(1).values * p_pose.max(-1).values).cpu().numpy()
+                )
+                assignments.ess_pose[sel] = (1.0 / (p_pose**2).sum(-1)).cpu().numpy()
+                assignments.ess_class[sel] = ess_class.cpu().numpy()
+                assignments.loglik[sel] = (
+                    (res.class_loglik.gather(1, best[:, None])[:, 0] + const).cpu().numpy()
+                )
+                # noise: residual power at the best class and pose
+                tmpl = table.reshape(k * self.space.n_fine, -1)[best * self.space.n_fine + rot_b]
+                model = ctf[:, band] * tmpl * self.align_phases(sh_b).conj()
+                noise_sum += self.align_grid.ring_average((x[:, band] - model).abs() ** 2).sum(0)
+            del table, tables
         t_e = time.perf_counter() - t0
         counts_hard = np.bincount(assignments.best_class[indices], minlength=k)
         num, den = self._accumulate(
             pool,
-            indices,
+            order,
             torch.cat(contrib_cls),
             torch.cat(contrib_rot),
             torch.cat(contrib_shift),
@@ -308,6 +330,7 @@ class Class2DModel:
         if online and cfg.reseed_empty_classes:
             self._reseed(pool, indices, assignments, counts_soft, rng)
         self._update_references()
+        self.n_updates += 1
         t_m = time.perf_counter() - t0 - t_e
         evals = n * (
             k * self.space.n_coarse * self.space.coarse_shifts.shape[0]
@@ -417,6 +440,35 @@ class Class2DModel:
             counts[donor] /= 2
             best = np.where(np.isin(indices, worse), e, best)
         self.prior = self.prior / self.prior.sum()
+
+    def _search_references(self) -> torch.Tensor:
+        """``(2, K, D, D)``: the references the particles of half set ``h`` are aligned to.
+
+        Half ``h`` is scored against the average of the *other* half (its own Wiener
+        filter, mask and clamp-solvent), so no particle is compared with an average
+        that holds its own noise. Without this a small class fits its members' noise
+        better than the right view's class fits their signal, and stays together as a
+        mixed, self-sustaining class. The initial references are nearly featureless
+        (random subsets at random rotations), and each half would break their
+        rotational symmetry its own way; so the first :data:`CROSS_HALF_START`
+        iterations align both halves to the full averages, which gives the two halves'
+        classes the same orientation, and aligning each half to the other keeps it.
+        """
+        if self.n_updates < CROSS_HALF_START:
+            return self.references[None].expand(2, -1, -1, -1)
+        g, k = self.grid, self.config.n_classes
+        avg, inv_tau2 = half_set_wiener(self.num, self.den, g, self.config.regularisation_factor)
+        images = g.inverse(avg) * self.mask
+        if self.config.clamp_solvent:
+            images = clamp_solvent(
+                self.num.reshape(2 * k, -1),
+                self.den.reshape(2 * k, -1),
+                inv_tau2.reshape(2 * k, -1),
+                self.support,
+                g,
+                images.reshape(2 * k, g.box, g.box),
+            ).reshape(2, k, g.box, g.box)
+        return images.flip(0)
 
     def _update_references(self) -> None:
         """Wiener averages, mask or clamp-solvent, re-centring, FRC resolution."""

@@ -67,11 +67,7 @@ def wiener(
         FRC ``(K, rings)``.
     """
     eps = 1e-6 * den.mean().clamp(min=1e-30)
-    halves = num / den.clamp(min=eps)
-    a, b = halves[0], halves[1]
-    cross = grid.ring_average((a * b.conj()).real)
-    norm = torch.sqrt(grid.ring_average(a.abs() ** 2) * grid.ring_average(b.abs() ** 2))
-    frc = cross / norm.clamp(min=1e-30)
+    frc = half_set_frc(num, den, grid)
     total_num, total_den = num.sum(0), den.sum(0)
     r = frc.clamp(1e-4, 0.999)
     fsc = 2 * r / (1 + r)
@@ -80,6 +76,33 @@ def wiener(
     tau2 = (regularisation * ssnr * noise).clamp(min=1e-30)
     inv_tau2 = (1.0 / tau2)[..., grid.ring]
     return total_num / (total_den + inv_tau2), inv_tau2, frc
+
+
+def half_set_frc(num: torch.Tensor, den: torch.Tensor, grid: FourierGrid) -> torch.Tensor:
+    """FRC ``(K, rings)`` of the two unregularised half-set averages ``num_h / den_h``."""
+    eps = 1e-6 * den.mean().clamp(min=1e-30)
+    halves = num / den.clamp(min=eps)
+    a, b = halves[0], halves[1]
+    cross = grid.ring_average((a * b.conj()).real)
+    norm = torch.sqrt(grid.ring_average(a.abs() ** 2) * grid.ring_average(b.abs() ** 2))
+    return cross / norm.clamp(min=1e-30)
+
+
+def half_set_wiener(
+    num: torch.Tensor, den: torch.Tensor, grid: FourierGrid, regularisation: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each half set's own regularised averages ``num_h / (den_h + 1/τ²_h)``.
+
+    As :func:`wiener`, with the SNR of one half, ``SSNR_h = FRC/(1 - FRC)``, and the
+    noise of that half's average. Returns averages and ``1/τ²_h``, both ``(2, K, F)``.
+    """
+    eps = 1e-6 * den.mean().clamp(min=1e-30)
+    r = half_set_frc(num, den, grid).clamp(1e-4, 0.999)
+    ssnr = r / (1 - r)
+    noise = grid.ring_average(1.0 / den.clamp(min=eps))  # (2, K, rings)
+    tau2 = (regularisation * ssnr[None] * noise).clamp(min=1e-30)
+    inv_tau2 = (1.0 / tau2)[..., grid.ring]
+    return num / (den + inv_tau2), inv_tau2
 
 
 def clamp_solvent(
