@@ -51,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         help="score the true classification (true labels and poses) instead of the classifier",
     )
     ap.add_argument(
+        "--score-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also score the outputs of every N-th iteration (shows views appearing or vanishing)",
+    )
+    ap.add_argument(
         "--set",
         nargs="*",
         default=[],
@@ -154,6 +161,23 @@ def main(argv: list[str] | None = None) -> int:
             f"{t.get('evaluations_per_s', 0) / 1e6:8.1f} M evals/s",
             flush=True,
         )
+        if args.score_every and snap.iteration % args.score_every == 0 and not job.done:
+            ts = time.perf_counter()
+            s = score_classification(
+                sim_dir, job_dir / "run_data.star", job_dir / "run_classes.mrcs"
+            )
+            iterations[-1]["score"] = {
+                k: s[k] for k in ("views_recovered", "rare_views_recovered", "purity")
+            } | {"junk_in_recovered_classes": s["junk_in_recovered_classes"]}
+            iterations[-1]["views"] = [pv["recovered"] for pv in s["per_view"]]
+            t0 += time.perf_counter() - ts  # scoring is not classification time
+            print(
+                f"      score: {s['views_recovered']}/{s['n_views']} views, "
+                f"{s['rare_views_recovered']}/{s['n_rare_views']} rare, "
+                f"purity {s['purity']:.3f}, junk {s['junk_in_recovered_classes']:.3f}, "
+                f"views {''.join('x' if pv['recovered'] else '.' for pv in s['per_view'])}",
+                flush=True,
+            )
     paths = job.write_outputs(job_dir, overwrite=True)
     wall = time.perf_counter() - t0
     rss = peak_rss_mb()
