@@ -50,6 +50,59 @@ def peak_rss_mb(children: bool = False) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+class MemorySampler:
+    """Peak anonymous and file-backed resident memory of this process, MiB (Linux).
+
+    ``ru_maxrss`` counts the pages of memory-mapped files as resident while the kernel
+    keeps them cached, although they are clean and reclaimable; ``RssAnon`` (heap,
+    tensors, arrays) is the memory a job really needs. The kernel reports no peak of
+    it, so a background thread samples ``/proc/self/status`` every ``interval_s``.
+    Use as a context manager; ``peak_anon_MB`` and ``peak_file_MB`` after it exits.
+    """
+
+    def __init__(self, interval_s: float = 0.1):
+        self.interval_s = interval_s
+        self.peak_anon_MB = 0.0
+        self.peak_file_MB = 0.0
+        self._stop = None
+        self._thread = None
+
+    @staticmethod
+    def current() -> dict[str, float]:
+        """``{"RssAnon": MiB, "RssFile": MiB, ...}`` of this process now."""
+        out = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Rss"):
+                    key, value = line.split(":", 1)
+                    out[key] = float(value.split()[0]) / 1024.0  # kB -> MiB
+        return out
+
+    def _sample(self) -> None:
+        now = self.current()
+        self.peak_anon_MB = max(self.peak_anon_MB, now.get("RssAnon", 0.0))
+        self.peak_file_MB = max(self.peak_file_MB, now.get("RssFile", 0.0))
+
+    def __enter__(self) -> MemorySampler:
+        import threading
+
+        self._stop = threading.Event()
+
+        def loop() -> None:
+            while not self._stop.wait(self.interval_s):
+                self._sample()
+
+        self._sample()
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
 def machine() -> dict:
     import torch
 

@@ -5,7 +5,8 @@ scale ``s`` lists every particle ``s`` times. Each scale runs in its own
 process (so its peak memory is its own) as a Class2DJob with no online
 iterations and one full iteration, with an output folder so the particle pool
 is cached as memory-mapped files. Reported per scale: particles, wall time,
-preprocessing (reading + caching) and iteration time, peak RSS, cache size.
+preprocessing (reading + caching) and iteration time, peak RSS split into anonymous
+memory (what the job needs) and file-backed pages (reclaimable cache), cache size.
 Usage::
 
     python benchmarks/scale.py [--scales 1 10 100] [--classes 50] [--out DIR] [--n 6000]
@@ -52,18 +53,21 @@ def _run_scale(star: str, job_dir: str, settings: dict) -> dict:
     """One full iteration in this (child) process."""
     import resource
 
+    from _common import MemorySampler
+
     from napari_class2d.engine.config import Class2DConfig
     from napari_class2d.engine.job import Class2DJob
     from napari_class2d.io.particles import ParticleSet
 
     t0 = time.perf_counter()
-    particles = ParticleSet.from_file(star)
-    t_read = time.perf_counter() - t0
-    config = Class2DConfig(**settings).validate()
-    job = Class2DJob(particles, config, out_dir=job_dir, overwrite=True)
-    snaps = []
-    for snap in job.run():
-        snaps.append(snap)
+    with MemorySampler() as memory:
+        particles = ParticleSet.from_file(star)
+        t_read = time.perf_counter() - t0
+        config = Class2DConfig(**settings).validate()
+        job = Class2DJob(particles, config, out_dir=job_dir, overwrite=True)
+        snaps = []
+        for snap in job.run():
+            snaps.append(snap)
     wall = time.perf_counter() - t0
     last = snaps[-1]
     t = {k: float(v) for k, v in last.timings.items()}
@@ -78,6 +82,8 @@ def _run_scale(star: str, job_dir: str, settings: dict) -> dict:
         - sum(s.timings.get("e_step_s", 0.0) + s.timings.get("m_step_s", 0.0) for s in snaps),
         "timings": t,
         "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "peak_anon_MB": memory.peak_anon_MB,
+        "peak_file_MB": memory.peak_file_MB,
     }
 
 
@@ -119,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             f"iteration {row['iteration_s']:8.1f} s "
             f"({1e3 * row['iteration_s'] / row['n_particles']:.2f} ms/particle), "
             f"preprocessing+I/O {row['preprocess_and_io_s']:7.1f} s, "
-            f"peak RSS {row['peak_rss_MB']:7.0f} MB, job folder {row['output_folder_MB']:7.0f} MB",
+            f"peak RSS {row['peak_rss_MB']:7.0f} MB (anonymous {row['peak_anon_MB']:6.0f} MB, "
+            f"file-backed {row['peak_file_MB']:6.0f} MB), "
+            f"job folder {row['output_folder_MB']:7.0f} MB",
             flush=True,
         )
     write_json(args.out / "scale.json", {"settings": settings, "rows": rows, "machine": machine()})

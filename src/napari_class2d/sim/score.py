@@ -409,6 +409,8 @@ def _score(
                 "best_matching_class": best + 1,
                 "best_matching_resolution_A": float(res[best, v]),
                 "best_matching_class_purity": float(class_purity_for[best, v]),
+                "best_matching_psi_deg": float(psi[best, v]),
+                "best_matching_shift_A": [float(x) for x in shift[best, v]],
             }
         )
     rec_classes = sorted({k for ks in recovered_class_of.values() for k in ks})
