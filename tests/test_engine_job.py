@@ -190,7 +190,10 @@ def test_relion_pose_convention_matches_the_simulation_truth(tmp_path):
     job = Class2DJob(
         read_particles(sim.particles_star),
         Class2DConfig(
-            **(SMALL | {"n_classes": 4, "max_res_A": 12.0, "particle_diameter_A": 180.0})
+            # 6 classes for 3 views: with 4, some seeds merge two views into one class,
+            # whose particles then carry another view's poses (a classification miss,
+            # not a convention error)
+            **(SMALL | {"n_classes": 6, "max_res_A": 12.0, "particle_diameter_A": 180.0})
         ),
         out_dir=tmp_path / "job",
     )
@@ -199,6 +202,7 @@ def test_relion_pose_convention_matches_the_simulation_truth(tmp_path):
         sim.out_dir, tmp_path / "job" / "run_data.star", tmp_path / "job" / "run_classes.mrcs"
     )
     pose = score["pose_error"]
+    assert pose["n_particles"] >= 400, pose  # the convention is checked on most particles
     assert pose["fraction_psi_within_6deg"] >= 0.8, pose
     assert pose["fraction_shift_within_2px"] >= 0.8, pose
 

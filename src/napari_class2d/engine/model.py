@@ -166,7 +166,12 @@ class Class2DModel:
         k, f = self.config.n_classes, int(self.space.align_band.sum())
         t = self.space.coarse_shifts.shape[0]
         n1, n, j = self.space.n_candidates, self.space.n_refine, self.space.refine_offsets.numel()
-        per_particle = 8 * f * (4 + 3 * n1 + 2 * n * (j + 9)) + 8 * k * t * self.space.n_coarse
+        fp = int(self.space.pose_in_align.sum()) * self.space.n_coarse_poses
+        per_particle = (
+            8 * f * (4 + 3 * n1 + 2 * n * (j + 9))
+            + 8 * 3 * fp * n1
+            + 8 * k * t * self.space.n_coarse
+        )
         fits = pool.chunk_size_for(per_particle, self.config.memory_budget_GB)
         if self.device.type == "cpu":
             # temporaries of a few tens of MB are reused by the allocator, larger ones
@@ -334,7 +339,7 @@ class Class2DModel:
         t_m = time.perf_counter() - t0 - t_e
         evals = n * (
             k * self.space.n_coarse * self.space.coarse_shifts.shape[0]
-            + k
+            + self.space.n_candidates * (self.space.n_coarse_poses + 1)
             + self.space.n_refine * (self.space.refine_offsets.numel() + 9)
         )
         eca = (ess_sum / torch.as_tensor(counts_hard, device=self.device).clamp(min=1)).cpu()

@@ -45,6 +45,13 @@ class SearchSpace:
         Classes refined per particle.
     n_candidates
         Classes scored over the full alignment band per particle.
+    pose_band
+        Boolean mask over the kept frequencies on which the ``n_coarse_poses`` best
+        coarse poses of a candidate class are compared (``None``: the alignment band).
+    n_coarse_poses
+        Best coarse poses of each candidate class compared on the pose band before
+        the class is scored over the full band: at low SNR the coarse maximum alone
+        is often a wrong pose, and the class then loses to a wrong class.
     max_shift_px
         No shift longer than this (working pixels) is accepted.
     """
@@ -58,11 +65,19 @@ class SearchSpace:
     n_refine: int
     n_candidates: int
     max_shift_px: float
+    pose_band: torch.Tensor | None = None
+    n_coarse_poses: int = 1
 
     @property
     def coarse_in_align(self) -> torch.Tensor:
         """The coarse band as a mask over the alignment band's coefficients."""
         return self.coarse_band[self.align_band]
+
+    @property
+    def pose_in_align(self) -> torch.Tensor:
+        """The pose band as a mask over the alignment band's coefficients."""
+        band = self.align_band if self.pose_band is None else self.pose_band
+        return band[self.align_band]
 
     @property
     def n_fine(self) -> int:
@@ -84,19 +99,22 @@ class SearchSpace:
         device: torch.device,
     ) -> SearchSpace:
         align = grid.band(max(min_align_radius, 0.5), max_align_radius)
-        r_coarse = min(max_align_radius, max(8.0, 0.2 * max_align_radius))
+        # coarse band: a third of the alignment band (at least 8 Fourier pixels)
+        r_coarse = min(max_align_radius, max(8.0, max_align_radius / 3.0))
         coarse = grid.band(max(min_align_radius, 0.5), r_coarse)
         if int(coarse.sum()) < 8:  # very narrow band: coarse pass uses the alignment band
             coarse = align.clone()
             r_coarse = max_align_radius
+        # pose band: half the alignment band
+        pose = grid.band(max(min_align_radius, 0.5), max(r_coarse, 0.5 * max_align_radius))
         # coarse rotations: about two pixels of arc at the edge of the coarse band
         n_coarse = int(max(8, min(72, round(torch.pi * r_coarse / 4.0) * 4)))
         stride = max(1, int(-(-360.0 / inplane_step_deg // n_coarse)))
         n_fine = n_coarse * stride
         half = stride // 2 + 1 if stride > 1 else 0
         offsets = torch.tensor([j for j in range(-half, half + 1) if j != 0], dtype=torch.long)
-        # coarse shifts: the finest grid with steps <= 3 px that keeps the search cheap
-        step = 1 if max_shift_px <= 2.0 else (2 if max_shift_px <= 6.0 else 3)
+        # coarse shifts: 1 px steps for short ranges, 2 px up to 12 px, 3 px beyond
+        step = 1 if max_shift_px <= 2.0 else (2 if max_shift_px <= 12.0 else 3)
         r = int(max_shift_px // step)
         g = torch.arange(-r, r + 1, dtype=torch.float32) * step
         sx, sy = torch.meshgrid(g, g, indexing="xy")
@@ -113,6 +131,8 @@ class SearchSpace:
             n_refine=min(n_classes, 3),
             n_candidates=min(n_classes, 10),
             max_shift_px=float(max_shift_px),
+            pose_band=(pose & align).to(device),
+            n_coarse_poses=COARSE_POSES,
         )
 
 
@@ -141,6 +161,9 @@ class SearchResult:
     shift: torch.Tensor
     pose_scores: torch.Tensor
 
+
+#: best coarse poses of each candidate class compared on the pose band (see SearchSpace)
+COARSE_POSES = 4
 
 _NEIGHBOURS = torch.tensor(
     [[dx, dy] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], dtype=torch.float32
@@ -204,12 +227,17 @@ class SearchTables:
         ``(F_c, K·R_c)`` their power ``|T|²``.
     coarse_phases
         ``(T, F_c)`` shift phases of the coarse shift grid.
+    pose_table, pose_phases
+        ``(K·R_f, F_p)`` class coefficients and ``(S, F_p)`` shift phases (every row
+        of the phase table) on the pose band.
     """
 
     table: torch.Tensor
     coarse_real: torch.Tensor
     coarse_power: torch.Tensor
     coarse_phases: torch.Tensor
+    pose_table: torch.Tensor | None = None
+    pose_phases: torch.Tensor | None = None
 
     @classmethod
     def build(cls, table: torch.Tensor, space: SearchSpace, phases: PhaseTable) -> SearchTables:
@@ -225,6 +253,12 @@ class SearchTables:
             .reshape(k * space.n_coarse, -1)
             .T.contiguous(),
             coarse_phases=phases.table[phases.index(space.coarse_shifts)][:, cb].contiguous(),
+            pose_table=table.reshape(k * space.n_fine, -1)[:, space.pose_in_align].contiguous()
+            if space.n_coarse_poses > 1
+            else None,
+            pose_phases=phases.table[:, space.pose_in_align].contiguous()
+            if space.n_coarse_poses > 1
+            else None,
         )
 
 
@@ -278,16 +312,30 @@ def search(
     s1 = (_real(shifted).reshape(b * n_t, -1) @ tables.coarse_real).reshape(b, n_t, k, n_coarse)
     s1 = 2.0 * s1 - (wc2[:, cb] @ tables.coarse_power).reshape(b, 1, k, n_coarse)
     s1 = s1.permute(0, 2, 1, 3).reshape(b, k, n_t * n_coarse)
-    coarse_score, best = s1.max(-1)  # (B, K)
-    del s1, shifted
+    n_p = min(space.n_coarse_poses, s1.shape[-1])
+    top_s1, best = s1.topk(n_p, dim=-1)  # (B, K, P) best coarse poses of each class
+    coarse_score = top_s1[..., 0]
+    del s1, shifted, top_s1
 
-    # 2. full alignment band at the coarse pose of the best candidate classes
+    # 2. full alignment band at the P best coarse poses of the best candidate classes;
+    #    each class keeps the pose that scores best over the full band
     n1 = space.n_candidates
     cand = coarse_score.topk(n1, dim=1).indices  # (B, N1)
-    best = best.gather(1, cand)
-    rot = (best % n_coarse) * stride  # fine rotation index (B, N1)
-    shift = space.coarse_shifts[best // n_coarse]  # (B, N1, 2)
+    best = best.gather(1, cand[..., None].expand(b, n1, n_p))  # (B, N1, P)
+    rot = (best % n_coarse) * stride  # fine rotation index (B, N1, P)
+    shift = space.coarse_shifts[best // n_coarse]  # (B, N1, P, 2)
     flat = table.reshape(k * n_fine, -1)
+    if n_p > 1:  # the poses compared on the pose band (cheaper than the full band)
+        pb = space.pose_in_align
+        g = tables.pose_table[cand[..., None] * n_fine + rot]  # (B, N1, P, Fp)
+        p = wx[:, None, None, pb] * tables.pose_phases[phases.index(shift)]
+        sp = 2.0 * (torch.view_as_real(p) * torch.view_as_real(g)).sum((-1, -2))
+        sp = sp - (torch.view_as_real(g).square().sum(-1) * wc2[:, None, None, pb]).sum(-1)
+        del g, p
+        pick = sp.argmax(-1, keepdim=True)  # (B, N1, 1)
+        rot = rot.gather(2, pick)
+        shift = shift.gather(2, pick[..., None].expand(b, n1, 1, 2))
+    rot, shift = rot[:, :, 0], shift[:, :, 0]
     g = flat[cand * n_fine + rot].reshape(b * n1, 1, -1)  # (B·N1, 1, Fa)
     p = (wx[:, None, :] * phases(shift)).reshape(b * n1, 1, -1)
     wc2_1 = wc2.repeat_interleave(n1, 0)

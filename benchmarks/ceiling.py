@@ -1,0 +1,164 @@
+"""Ceiling benchmark: how well can particles be classified against the *true* class averages?
+
+The quality benchmark asks a classifier for class purity and recovered views. How
+much of that the data allow is measured here: the true classification of a simulated
+set (``sim/oracle.py``: one class per view, in the view's frame, and one for all
+junk) gives the references, and one E-step of the engine (its noise model, CTF and
+pose search; annealing factor 1, no prior preference) assigns every particle to one
+of them. The assignments are then scored with the same rule as the quality
+benchmark (using the true averages, so every class passes the resolution test and
+the score measures the assignments). ``--brute-force`` replaces the coarse-to-fine
+pose search with every fine rotation and every integer shift at the full alignment
+band, which is the best this likelihood can do (slow: run it on ``--subset``).
+
+Usage::
+
+    python benchmarks/ceiling.py OUT [--subset N] [--brute-force]
+
+where ``OUT`` holds ``sim/`` (a folder written by ``benchmarks/quality.py``).
+Prints the per-view fraction of particles assigned to their view and the score;
+writes ``OUT/ceiling[_brute].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+from _common import machine, write_json
+
+
+def _all_shifts(max_shift_px: float):
+    import torch
+
+    r = int(max_shift_px)
+    g = torch.arange(-r, r + 1, dtype=torch.float32)
+    sx, sy = torch.meshgrid(g, g, indexing="xy")
+    shifts = torch.stack((sx.flatten(), sy.flatten()), 1)
+    return shifts[(shifts**2).sum(1) <= max_shift_px**2 + 1e-6]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+
+    import mrcfile
+    import numpy as np
+    import pandas as pd
+    import starfile
+    import torch
+
+    from napari_class2d.engine.config import Class2DConfig
+    from napari_class2d.engine.job import Class2DJob
+    from napari_class2d.engine.model import ParticleAssignments
+    from napari_class2d.io.particles import ParticleSet
+    from napari_class2d.io.starwriter import write_star_file
+    from napari_class2d.sim.oracle import oracle_classification
+    from napari_class2d.sim.score import score_classification
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path, help="folder holding sim/ (from benchmarks/quality.py)")
+    ap.add_argument("--subset", type=int, default=0, help="random particles scored (0: all)")
+    ap.add_argument("--brute-force", action="store_true", help="exhaustive pose search")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    sim = args.out / "sim"
+    truth_info = json.loads((sim / "truth.json").read_text())
+    apix = truth_info["pixel_size_A"]
+    oracle = oracle_classification(sim, args.out / "ceiling" / "oracle")
+    refs = torch.from_numpy(mrcfile.read(oracle["classes"]).astype(np.float32))
+    k = refs.shape[0]
+
+    particles = ParticleSet.from_file(sim / "particles.star")
+    config = Class2DConfig(
+        n_classes=k,
+        max_res_A=max(6.0, math.ceil(20 * apix) / 10),
+        particle_diameter_A=round(1.1 * truth_info["particle_diameter_A"]),
+        n_online_em_iterations=1,
+        n_final_full_iterations=0,
+        reseed_empty_classes=False,
+    ).validate()
+    job = Class2DJob(particles, config, out_dir=args.out / "ceiling" / "job", overwrite=True)
+    next(job.run())  # preprocessing and the noise model of one iteration
+    model, pool = job.model, job.pool
+    if model.references.shape != refs.shape:
+        sys.exit(f"working box {tuple(model.references.shape)} != oracle box {tuple(refs.shape)}")
+
+    idx = np.arange(pool.n)
+    if args.subset:
+        rng = np.random.default_rng(args.seed)
+        idx = np.sort(rng.choice(pool.n, min(args.subset, pool.n), replace=False))
+    space = model.space
+    if args.brute_force:
+        model.space = dataclasses.replace(
+            space,
+            stride=1,
+            coarse_band=space.align_band.clone(),
+            coarse_shifts=_all_shifts(space.max_shift_px),
+            n_candidates=k,
+            refine_offsets=torch.tensor([-1, 1]),
+            n_coarse_poses=1,
+        )
+    model.references = refs * model.mask
+    model.n_updates = 0  # search against these references, not half-set averages
+    model.prior = torch.full((k,), 1.0 / k)
+    assignments = ParticleAssignments.empty(pool.n)
+    t0 = time.perf_counter()
+    stats = model.iterate(pool, idx, assignments, 1.0, 1.0, False, False, job.rng)
+    seconds = time.perf_counter() - t0
+
+    truth = starfile.read(sim / "truth.star")
+
+    def key(names: pd.Series) -> pd.Series:
+        return (
+            names.str.split("@").str[0].astype(int).astype(str)
+            + "@"
+            + names.str.split("/").str[-1]
+        )
+
+    t = truth.set_index(key(truth.rlnImageName)).loc[key(particles.metadata.rlnImageName)]
+    label = np.where(t.sim_junk_kind != "none", k - 1, t.sim_view).astype(int)[idx]
+    correct = assignments.best_class[idx] == label
+    per_label = {
+        int(v): round(float(correct[label == v].mean()), 3) for v in range(k) if (label == v).any()
+    }
+    star = args.out / "ceiling" / ("assigned_brute.star" if args.brute_force else "assigned.star")
+    write_star_file(
+        star,
+        {
+            "particles": pd.DataFrame(
+                {
+                    "rlnImageName": particles.metadata.rlnImageName.to_numpy()[idx],
+                    "rlnClassNumber": assignments.best_class[idx] + 1,
+                }
+            )
+        },
+    )
+    score = score_classification(sim, star, oracle["classes"])
+    result = {
+        "search": "brute force" if args.brute_force else "engine (coarse-to-fine)",
+        "n_particles": int(len(idx)),
+        "fraction_assigned_to_their_view": round(float(correct.mean()), 3),
+        "per_view_fraction": per_label,
+        "junk_label": k - 1,
+        "views_recovered": f"{score['views_recovered']}/{score['n_views']}",
+        "rare_views_recovered": f"{score['rare_views_recovered']}/{score['n_rare_views']}",
+        "purity": round(score["purity"], 3),
+        "junk_in_recovered_classes": round(score["junk_in_recovered_classes"], 3),
+        "search_ms_per_particle": round(1e3 * stats.timings["search_s"] / len(idx), 2),
+        "e_step_s": round(seconds, 1),
+        "machine": machine(),
+    }
+    name = "ceiling_brute.json" if args.brute_force else "ceiling.json"
+    write_json(args.out / name, result)
+    print(json.dumps({k_: v for k_, v in result.items() if k_ != "machine"}, indent=2))
+    print(f"wrote {args.out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
