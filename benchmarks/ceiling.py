@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subset", type=int, default=0, help="random particles scored (0: all)")
     ap.add_argument("--brute-force", action="store_true", help="exhaustive pose search")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--refine", type=int, default=0, help="classes refined (0: engine's)")
+    ap.add_argument(
+        "--candidates", type=int, default=0, help="classes past the coarse pass (0: engine's)"
+    )
     args = ap.parse_args(argv)
 
     sim = args.out / "sim"
@@ -103,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             refine_offsets=torch.tensor([-1, 1]),
             n_coarse_poses=1,
         )
+    if args.candidates:
+        model.space = dataclasses.replace(model.space, n_candidates=min(args.candidates, k))
+    if args.refine:
+        model.space = dataclasses.replace(model.space, n_refine=min(args.refine, k))
     model.references = refs * model.mask
     model.n_updates = 0  # search against these references, not half-set averages
     model.prior = torch.full((k,), 1.0 / k)
@@ -154,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
     }
     name = "ceiling_brute.json" if args.brute_force else "ceiling.json"
+    if args.candidates or args.refine:
+        name = name.replace(".json", f"_c{args.candidates}_r{args.refine}.json")
     write_json(args.out / name, result)
     print(json.dumps({k_: v for k_, v in result.items() if k_ != "machine"}, indent=2))
     print(f"wrote {args.out / name}")

@@ -18,9 +18,12 @@ import sys
 from pathlib import Path
 
 
-def _unit(img):
-    """Image scaled to zero mean and unit standard deviation inside the box."""
-    return (img - img.mean()) / max(float(img.std()), 1e-12)
+def _show(ax, img) -> None:
+    """Grey-scale image, contrast from its 1st to 99.5th percentile."""
+    import numpy as np
+
+    lo, hi = np.percentile(img, [1.0, 99.5])
+    ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1e-6)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.tensor([shift], dtype=torch.float32),
             apix,
         )[0].numpy()
-        top.imshow(_unit(posed), cmap="gray", vmin=-2.5, vmax=2.5)
-        bottom.imshow(_unit(classes[c - 1]), cmap="gray", vmin=-2.5, vmax=2.5)
+        _show(top, posed)
+        _show(bottom, classes[c - 1])
         res = pv["resolution_A"] if pv["recovered"] else pv["best_matching_resolution_A"]
         top.set_title(f"view {pv['view']}\n{pv['kind']}", fontsize=7)
         state = "" if pv["recovered"] else "missed\n"

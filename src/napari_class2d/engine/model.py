@@ -166,7 +166,7 @@ class Class2DModel:
         k, f = self.config.n_classes, int(self.space.align_band.sum())
         t = self.space.coarse_shifts.shape[0]
         n1, n, j = self.space.n_candidates, self.space.n_refine, self.space.refine_offsets.numel()
-        fp = int(self.space.pose_in_align.sum()) * self.space.n_coarse_poses
+        fp = int(self.space.pose_in_align.sum()) * max(self.space.n_coarse_poses, j, 9)
         per_particle = (
             8 * f * (4 + 3 * n1 + 2 * n * (j + 9))
             + 8 * 3 * fp * n1

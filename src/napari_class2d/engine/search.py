@@ -6,11 +6,15 @@ loop over particles, classes or poses:
 1. **Coarse**, every class: low-resolution band (``|f| <= r_coarse``), coarse
    rotations and a coarse shift grid, as one real matrix product
    ``(B·T, 2F_c) @ (2F_c, K·R_c)`` plus the shift-invariant norm term
-   ``(B, F_c) @ (F_c, K·R_c)``. Gives each class's best coarse pose.
-2. **Full band at the coarse pose**, every class: the log-likelihood over the whole
-   alignment band at that pose; the best ``n_refine`` classes go on.
-3. **Local refinement** of those classes: fine rotations around the coarse one,
-   then the 3x3 one-pixel shift neighbourhood around the best shift.
+   ``(B, F_c) @ (F_c, K·R_c)``. Gives each class's best coarse poses; the
+   ``n_candidates`` best classes go on.
+2. **Pose band** (half the alignment band), every candidate: the best of its
+   ``n_coarse_poses`` coarse poses, refined locally (fine rotations around the
+   coarse one, then the 3x3 one-pixel shift neighbourhood); then the full
+   alignment band at that pose. Every candidate gets the same refinement, so no
+   class wins on a better-refined pose alone.
+3. **Polish** of the ``n_refine`` best classes on the full band: 0.5-px shifts,
+   then ±2 fine rotations.
 
 Scores are the pose-dependent part of the log-likelihood
 ``2 Re Σ w X conj(CTF T) - Σ w CTF² |T|²`` (half-plane sums, ``w = 1/σ²``).
@@ -254,10 +258,10 @@ class SearchTables:
             .T.contiguous(),
             coarse_phases=phases.table[phases.index(space.coarse_shifts)][:, cb].contiguous(),
             pose_table=table.reshape(k * space.n_fine, -1)[:, space.pose_in_align].contiguous()
-            if space.n_coarse_poses > 1
+            if space.pose_band is not None
             else None,
             pose_phases=phases.table[:, space.pose_in_align].contiguous()
-            if space.n_coarse_poses > 1
+            if space.pose_band is not None
             else None,
         )
 
@@ -317,32 +321,57 @@ def search(
     coarse_score = top_s1[..., 0]
     del s1, shifted, top_s1
 
-    # 2. full alignment band at the P best coarse poses of the best candidate classes;
-    #    each class keeps the pose that scores best over the full band
+    # 2. pose band, every candidate class: its P best coarse poses, then local
+    #    refinement (fine rotations around the coarse one, 1-px shifts). Every
+    #    candidate gets the same refinement, so none is favoured by a better pose.
     n1 = space.n_candidates
     cand = coarse_score.topk(n1, dim=1).indices  # (B, N1)
     best = best.gather(1, cand[..., None].expand(b, n1, n_p))  # (B, N1, P)
     rot = (best % n_coarse) * stride  # fine rotation index (B, N1, P)
     shift = space.coarse_shifts[best // n_coarse]  # (B, N1, P, 2)
     flat = table.reshape(k * n_fine, -1)
-    if n_p > 1:  # the poses compared on the pose band (cheaper than the full band)
-        pb = space.pose_in_align
-        g = tables.pose_table[cand[..., None] * n_fine + rot]  # (B, N1, P, Fp)
-        p = wx[:, None, None, pb] * tables.pose_phases[phases.index(shift)]
-        sp = 2.0 * (torch.view_as_real(p) * torch.view_as_real(g)).sum((-1, -2))
-        sp = sp - (torch.view_as_real(g).square().sum(-1) * wc2[:, None, None, pb]).sum(-1)
-        del g, p
-        pick = sp.argmax(-1, keepdim=True)  # (B, N1, 1)
-        rot = rot.gather(2, pick)
-        shift = shift.gather(2, pick[..., None].expand(b, n1, 1, 2))
-    rot, shift = rot[:, :, 0], shift[:, :, 0]
+    pb = space.pose_in_align
+    pose_flat = tables.pose_table if tables.pose_table is not None else flat
+    pose_phase = tables.pose_phases if tables.pose_phases is not None else phases.table
+    wx_p, wc2_p = wx[:, pb], wc2[:, pb]
+
+    def pose_band_scores(rots: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+        """Scores on the pose band: rotations ``(B, N1, Qr)`` x shifts ``(B, N1, Qs, 2)``,
+        broadcast to ``(B, N1, max(Qr, Qs))``."""
+        g = torch.view_as_real(pose_flat[cand[..., None] * n_fine + rots])  # (B,N1,Qr,Fp,2)
+        p = torch.view_as_real(wx_p[:, None, None, :] * pose_phase[phases.index(shifts)])
+        cross = (p * g).sum((-1, -2))
+        return 2.0 * cross - (g.square().sum(-1) * wc2_p[:, None, None, :]).sum(-1)
+
+    sp = pose_band_scores(rot, shift)
+    score_p, pick = sp.max(-1)  # (B, N1)
+    rot = rot.gather(2, pick[..., None])[..., 0]
+    shift = shift.gather(2, pick[..., None, None].expand(b, n1, 1, 2))[:, :, 0]
+    for kind, offs in (("rot", space.refine_offsets), ("shift", 1.0)):
+        if kind == "rot":
+            rots = (rot[..., None] + offs) % n_fine  # (B, N1, J)
+            sc = pose_band_scores(rots, shift[:, :, None, :])
+        else:
+            cand_sh = shift[:, :, None, :] + _NEIGHBOURS.to(dev) * offs  # (B, N1, 9, 2)
+            sc = pose_band_scores(rot[..., None], cand_sh)
+            too_far = (cand_sh**2).sum(-1) > space.max_shift_px**2 + 1e-6
+            sc = sc.masked_fill(too_far, -torch.inf)
+        val, arg = sc.max(-1)
+        better = val > score_p
+        if kind == "rot":
+            rot = torch.where(better, rots.gather(2, arg[..., None])[..., 0], rot)
+        else:
+            new_sh = cand_sh.gather(2, arg[..., None, None].expand(b, n1, 1, 2))[:, :, 0]
+            shift = torch.where(better[..., None], new_sh, shift)
+        score_p = torch.maximum(val, score_p)
+    # full alignment band at each candidate's refined pose
     g = flat[cand * n_fine + rot].reshape(b * n1, 1, -1)  # (B·N1, 1, Fa)
     p = (wx[:, None, :] * phases(shift)).reshape(b * n1, 1, -1)
     wc2_1 = wc2.repeat_interleave(n1, 0)
     s2 = (2.0 * _cross(p, g)[:, 0, 0] - _norm(wc2_1, g)[:, 0]).reshape(b, n1)
     del g, p
 
-    # 3. refine the best classes locally: rotations, 1-px shifts, 0.5-px shifts, rotations
+    # 3. the best classes are polished on the full band: 0.5-px shifts, ±2 fine rotations
     n = space.n_refine
     order = s2.topk(n, dim=1).indices  # positions within the candidates
     top = cand.gather(1, order)
@@ -352,12 +381,7 @@ def search(
     wc2_n = wc2.repeat_interleave(n, 0)
     evaluated = [score_b[..., None]]
     fine_offsets = torch.tensor([-2, -1, 1, 2], device=dev)
-    for kind, offs in (
-        ("rot", space.refine_offsets),
-        ("shift", 1.0),
-        ("shift", 0.5),
-        ("rot", fine_offsets),
-    ):
+    for kind, offs in (("shift", 0.5), ("rot", fine_offsets)):
         if kind == "rot":
             rots = (rot_b[..., None] + offs) % n_fine  # (B, N, J)
             j = rots.shape[-1]
