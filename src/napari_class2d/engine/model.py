@@ -232,7 +232,14 @@ class Class2DModel:
         log_prior = torch.log(self.prior.clamp(min=1e-12))
         chunk = self._chunk(pool)
         n = len(indices)
-        contrib_cls, contrib_rot, contrib_shift, contrib_w = [], [], [], []
+        # contributions of every particle, filled chunk by chunk (allocated once: small
+        # long-lived tensors between the chunks' large temporaries fragment the heap)
+        m = self.space.n_refine
+        contrib_cls = torch.empty((n, m), dtype=torch.long)
+        contrib_rot = torch.empty((n, m), dtype=torch.long)
+        contrib_shift = torch.empty((n, m, 2))
+        contrib_w = torch.empty((n, m))
+        filled = 0
         counts_soft = torch.zeros(k, device=self.device)
         ess_sum = torch.zeros(k, device=self.device)
         noise_sum = torch.zeros(self.grid.n_rings, device=self.device)
@@ -280,10 +287,12 @@ class Class2DModel:
                 g_top = g_top / g_top.sum(1, keepdim=True).clamp(min=1e-30)
                 counts_soft += gamma.sum(0)
                 ess_sum.index_add_(0, best, ess_class)
-                contrib_cls.append(res.classes.cpu())
-                contrib_rot.append(res.rotation.cpu())
-                contrib_shift.append(res.shift.cpu())
-                contrib_w.append(g_top.cpu())
+                rows = slice(filled, filled + len(idx))
+                filled += len(idx)
+                contrib_cls[rows] = res.classes.cpu()
+                contrib_rot[rows] = res.rotation.cpu()
+                contrib_shift[rows] = res.shift.cpu()
+                contrib_w[rows] = g_top.cpu()
                 # per-particle outputs at the best class (the first refined class may differ)
                 pos = (res.classes == best[:, None]).float().argmax(1)
                 rot_b = res.rotation.gather(1, pos[:, None])[:, 0]
@@ -313,12 +322,7 @@ class Class2DModel:
         t_e = time.perf_counter() - t0
         counts_hard = np.bincount(assignments.best_class[indices], minlength=k)
         num, den = self._accumulate(
-            pool,
-            order,
-            torch.cat(contrib_cls),
-            torch.cat(contrib_rot),
-            torch.cat(contrib_shift),
-            torch.cat(contrib_w),
+            pool, order, contrib_cls, contrib_rot, contrib_shift, contrib_w
         )
         eta = step_size
         self.num = (1 - eta) * self.num + eta * num
