@@ -343,8 +343,10 @@ class Class2DModel:
         t_m = time.perf_counter() - t0 - t_e
         evals = n * (
             k * self.space.n_coarse * self.space.coarse_shifts.shape[0]
-            + self.space.n_candidates * (self.space.n_coarse_poses + 1)
-            + self.space.n_refine * (self.space.refine_offsets.numel() + 9)
+            # pose band: P coarse poses, J rotations, 9 shifts; then the full band once
+            + self.space.n_candidates
+            * (self.space.n_coarse_poses + self.space.refine_offsets.numel() + 9 + 1)
+            + self.space.n_refine * (9 + 4)  # polish: 0.5-px shifts, ±2 fine rotations
         )
         eca = (ess_sum / torch.as_tensor(counts_hard, device=self.device).clamp(min=1)).cpu()
         return IterationStats(

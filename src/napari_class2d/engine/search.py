@@ -174,6 +174,36 @@ _NEIGHBOURS = torch.tensor(
 )
 
 
+def _neighbour_shifts(
+    shift: torch.Tensor, step: float, max_shift_px: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 3x3 neighbourhood of ``shift`` ``(..., 2)`` at ``step`` px: candidates
+    ``(..., 9, 2)`` and a mask of those beyond ``max_shift_px``."""
+    cand = shift[..., None, :] + _NEIGHBOURS.to(shift.device) * step
+    return cand, (cand**2).sum(-1) > max_shift_px**2 + 1e-6
+
+
+def _keep_better(
+    scores: torch.Tensor,
+    tried: torch.Tensor,
+    current: torch.Tensor,
+    best: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best of ``scores`` ``(B, N, Q)`` over the tried poses where it beats ``best``.
+
+    ``tried``: rotations ``(B, N, Q)`` or shifts ``(B, N, Q, 2)``; ``current``: the
+    pose kept so far, ``(B, N)`` or ``(B, N, 2)``. Returns the new pose and score.
+    """
+    val, arg = scores.max(-1)
+    better = val > best
+    if tried.dim() == 3:
+        pick = tried.gather(2, arg[..., None])[..., 0]
+        return torch.where(better, pick, current), torch.maximum(val, best)
+    b, n = arg.shape
+    pick = tried.gather(2, arg[..., None, None].expand(b, n, 1, 2))[:, :, 0]
+    return torch.where(better[..., None], pick, current), torch.maximum(val, best)
+
+
 class PhaseTable:
     """``exp(+2πi f·t/D)`` for shifts on a ``step``-pixel grid within ``radius`` pixels.
 
@@ -347,23 +377,11 @@ def search(
     score_p, pick = sp.max(-1)  # (B, N1)
     rot = rot.gather(2, pick[..., None])[..., 0]
     shift = shift.gather(2, pick[..., None, None].expand(b, n1, 1, 2))[:, :, 0]
-    for kind, offs in (("rot", space.refine_offsets), ("shift", 1.0)):
-        if kind == "rot":
-            rots = (rot[..., None] + offs) % n_fine  # (B, N1, J)
-            sc = pose_band_scores(rots, shift[:, :, None, :])
-        else:
-            cand_sh = shift[:, :, None, :] + _NEIGHBOURS.to(dev) * offs  # (B, N1, 9, 2)
-            sc = pose_band_scores(rot[..., None], cand_sh)
-            too_far = (cand_sh**2).sum(-1) > space.max_shift_px**2 + 1e-6
-            sc = sc.masked_fill(too_far, -torch.inf)
-        val, arg = sc.max(-1)
-        better = val > score_p
-        if kind == "rot":
-            rot = torch.where(better, rots.gather(2, arg[..., None])[..., 0], rot)
-        else:
-            new_sh = cand_sh.gather(2, arg[..., None, None].expand(b, n1, 1, 2))[:, :, 0]
-            shift = torch.where(better[..., None], new_sh, shift)
-        score_p = torch.maximum(val, score_p)
+    rots = (rot[..., None] + space.refine_offsets) % n_fine  # (B, N1, J)
+    rot, score_p = _keep_better(pose_band_scores(rots, shift[:, :, None, :]), rots, rot, score_p)
+    cand_sh, too_far = _neighbour_shifts(shift, 1.0, space.max_shift_px)  # (B, N1, 9, 2)
+    sc = pose_band_scores(rot[..., None], cand_sh).masked_fill(too_far, -torch.inf)
+    shift, score_p = _keep_better(sc, cand_sh, shift, score_p)
     # full alignment band at each candidate's refined pose
     g = flat[cand * n_fine + rot].reshape(b * n1, 1, -1)  # (B·N1, 1, Fa)
     p = (wx[:, None, :] * phases(shift)).reshape(b * n1, 1, -1)
@@ -383,27 +401,21 @@ def search(
     fine_offsets = torch.tensor([-2, -1, 1, 2], device=dev)
     for kind, offs in (("shift", 0.5), ("rot", fine_offsets)):
         if kind == "rot":
-            rots = (rot_b[..., None] + offs) % n_fine  # (B, N, J)
-            j = rots.shape[-1]
-            g = flat[top[..., None] * n_fine + rots].reshape(b * n, j, -1)
+            tried = (rot_b[..., None] + offs) % n_fine  # (B, N, J)
+            j = tried.shape[-1]
+            g = flat[top[..., None] * n_fine + tried].reshape(b * n, j, -1)
             p = (wx[:, None, :] * phases(sh_b)).reshape(b * n, 1, -1)
             sc = (2.0 * _cross(p, g)[:, 0] - _norm(wc2_n, g)).reshape(b, n, j)
+            rot_b, new_score = _keep_better(sc, tried, rot_b, score_b)
         else:
-            cand_sh = sh_b[:, :, None, :] + _NEIGHBOURS.to(dev) * offs  # (B, N, 9, 2)
+            tried, too_far = _neighbour_shifts(sh_b, offs, space.max_shift_px)  # (B, N, 9, 2)
             g = flat[top * n_fine + rot_b].reshape(b * n, 1, -1)
-            p = (wx[:, None, None, :] * phases(cand_sh)).reshape(b * n, 9, -1)
+            p = (wx[:, None, None, :] * phases(tried)).reshape(b * n, 9, -1)
             sc = (2.0 * _cross(p, g)[..., 0] - _norm(wc2_n, g)).reshape(b, n, 9)
-            too_far = (cand_sh**2).sum(-1) > space.max_shift_px**2 + 1e-6
             sc = sc.masked_fill(too_far, -torch.inf)
+            sh_b, new_score = _keep_better(sc, tried, sh_b, score_b)
         evaluated.append(sc)
-        val, arg = sc.max(-1)
-        better = val > score_b
-        if kind == "rot":
-            rot_b = torch.where(better, rots.gather(2, arg[..., None])[..., 0], rot_b)
-        else:
-            new_sh = cand_sh.gather(2, arg[..., None, None].expand(b, n, 1, 2))[:, :, 0]
-            sh_b = torch.where(better[..., None], new_sh, sh_b)
-        score_b = torch.maximum(val, score_b)
+        score_b = new_score
         del g, p
     rot_best, shift_best = rot_b, sh_b
     pose_scores = torch.cat(evaluated, -1)
