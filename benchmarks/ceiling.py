@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "rare_views_recovered": f"{score['rare_views_recovered']}/{score['n_rare_views']}",
         "purity": round(score["purity"], 3),
         "junk_in_recovered_classes": round(score["junk_in_recovered_classes"], 3),
+        "junk_share_of_recovered_classes": round(score["junk_share_of_recovered_classes"], 4),
         "search_ms_per_particle": round(1e3 * stats.timings["search_s"] / len(idx), 2),
         "e_step_s": round(seconds, 1),
         "machine": machine(),

@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "rare_views_recovered": f"{score['rare_views_recovered']}/{score['n_rare_views']}",
         "purity": round(score["purity"], 3),
         "junk_in_recovered_classes": round(score["junk_in_recovered_classes"], 3),
+        "junk_share_of_recovered_classes": round(score["junk_share_of_recovered_classes"], 4),
         "median_class_resolution_A": score["median_class_resolution_A"],
         "pose_error": score["pose_error"],
         "classification_wall_s": round(wall, 1),

@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             "n_rare_views": s["n_rare_views"],
             "purity": round(s["purity"], 3),
             "junk_in_recovered_classes": round(s["junk_in_recovered_classes"], 3),
+            "junk_share_of_recovered_classes": round(s["junk_share_of_recovered_classes"], 4),
         }
 
     results = {}

@@ -89,6 +89,7 @@ def test_perfect_classification_scores_perfectly(sim, tmp_path):
     assert sc["rare_views_recovered"] == sc["n_rare_views"] == 2
     assert sc["purity"] == 1.0
     assert sc["junk_in_recovered_classes"] == 0.0
+    assert sc["junk_share_of_recovered_classes"] == 0.0
     assert sc["median_class_resolution_A"] < 10.0  # Nyquist of the 4 Å averages is 8 Å
     assert sc["class_pixel_size_A"] == pytest.approx(4.0)
     pose = sc["pose_error"]
@@ -147,6 +148,11 @@ def test_junk_in_a_recovered_class_is_counted(sim, tmp_path):
     sc = score_classification(sim.out_dir, star, mrcs)
     assert sc["views_recovered"] == V
     assert sc["junk_in_recovered_classes"] == pytest.approx(0.5, abs=0.02)
+    # contamination of the selection: the moved junk over all particles in recovered classes
+    n_moved = len(junk) // 2
+    assert sc["junk_share_of_recovered_classes"] == pytest.approx(
+        n_moved / (np.count_nonzero(labels <= V) + n_moved), abs=1e-6
+    )
     assert sc["purity"] < 1.0
 
 

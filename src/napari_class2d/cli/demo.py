@@ -71,6 +71,7 @@ def main(args: argparse.Namespace) -> int:
             "rare_views_recovered",
             "purity",
             "junk_in_recovered_classes",
+            "junk_share_of_recovered_classes",
             "median_class_resolution_A",
         )
         if k in scores

@@ -264,7 +264,9 @@ def score_classification(
         ``n_views``, ``views_recovered``, ``n_rare_views``, ``rare_views_recovered``,
         ``purity`` (particle-weighted class purity, junk one label),
         ``junk_in_recovered_classes`` (fraction of junk particles in classes
-        that recover a view), ``median_class_resolution_A`` (recovered
+        that recover a view), ``junk_share_of_recovered_classes`` (fraction of the
+        particles in those classes that are junk: the contamination of a selection
+        of the recovered classes), ``median_class_resolution_A`` (recovered
         classes, FRC 0.5 against the truth), ``pose_error`` (particles of
         recovered classes), ``per_view`` and ``per_class`` details and ``rule``.
     """
@@ -416,6 +418,8 @@ def _score(
     rec_classes = sorted({k for ks in recovered_class_of.values() for k in ks})
     n_junk = int(n_view[V])
     junk_in_rec = float(counts[rec_classes, V].sum() / n_junk) if n_junk else 0.0
+    n_in_rec = int(n_class[rec_classes].sum())
+    junk_share = float(counts[rec_classes, V].sum() / n_in_rec) if n_in_rec else 0.0
     rec_res = [float(res[k, v]) for v, ks in recovered_class_of.items() for k in ks]
 
     per_class = []
@@ -446,6 +450,7 @@ def _score(
         "purity": purity,
         "n_junk": n_junk,
         "junk_in_recovered_classes": junk_in_rec,
+        "junk_share_of_recovered_classes": junk_share,
         "median_class_resolution_A": float(np.median(rec_res)) if rec_res else None,
         "class_pixel_size_A": float(class_apix),
         "pose_error": pose,
