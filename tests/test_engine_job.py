@@ -109,7 +109,10 @@ def test_outputs_read_back_as_relion_files(data, tmp_path):
     assert purity(labels, parts["rlnClassNumber"].to_numpy()) >= 0.9
     model = starfile.read(tmp_path / "run_model.star", always_dict=True)
     classes = model["model_classes"]
-    assert classes["rlnReferenceImage"].iloc[0] == "000001@run_classes.mrcs"
+    assert (
+        classes["rlnReferenceImage"].iloc[0]
+        == f"000001@{(tmp_path / 'run_classes.mrcs').resolve()}"
+    )
     assert abs(classes["rlnClassDistribution"].sum() - 1) < 1e-6
     assert (classes["rlnClassECA"] >= 1).all()
     with mrcfile.open(tmp_path / "run_classes.mrcs") as m:

@@ -107,11 +107,39 @@ def test_subset_round_trip_keeps_columns_prunes_optics_adds_extras(tmp_path):
         particles["rlnCoordinateX"], original["rlnCoordinateX"].to_numpy()[rows]
     )
     np.testing.assert_allclose(particles["rlnDefocusU"], original["rlnDefocusU"].to_numpy()[rows])
-    # stack paths relative to the new file's folder
-    assert particles["rlnImageName"].iloc[0] == "000009@../stack.mrcs"
+    # outside a RELION project, stack paths are absolute: every program finds them
+    assert particles["rlnImageName"].iloc[0] == f"000009@{(tmp_path / 'stack.mrcs').resolve()}"
     again = read_particles(out)
     np.testing.assert_array_equal(again.read_images(np.arange(4)), images[rows])
     np.testing.assert_array_equal(again.optics_group, [5, 1, 1, 5])
+
+
+def test_inside_a_relion_project_names_are_project_relative(tmp_path, monkeypatch):
+    """RELION resolves image names against the project folder it runs in, so files
+    written inside a project name stacks (and class averages) relative to it."""
+    project = tmp_path / "project"
+    (project / "Extract" / "job005").mkdir(parents=True)
+    (project / "Class2D" / "job008").mkdir(parents=True)
+    (project / "default_pipeline.star").write_text("data_pipeline_general\n")
+    images = write_stack(project / "Extract" / "job005" / "mic1.mrcs", 4, 16)
+    block = relion31_blocks(4, stack="Extract/job005/mic1.mrcs")
+    monkeypatch.chdir(project)
+    ps = read_particles(write_star(project / "Extract" / "job005" / "particles.star", block))
+    out = project / "Class2D" / "job008" / "run_data.star"
+    write_particle_star(out, ps, extra_columns={"rlnClassNumber": [1, 2, 2, 1]})
+    names = starfile.read(out)["particles"]["rlnImageName"]
+    assert list(names) == [f"{i:06d}@Extract/job005/mic1.mrcs" for i in (1, 2, 3, 4)]
+    write_class_averages(out.parent / "run_classes.mrcs", np.zeros((2, 8, 8), np.float32), 4.0)
+    write_model_star(out.parent / "run_model.star", "run_classes.mrcs", [0.5, 0.5], [9, 9], 4.0)
+    refs = starfile.read(out.parent / "run_model.star")["model_classes"]["rlnReferenceImage"]
+    assert list(refs) == [
+        "000001@Class2D/job008/run_classes.mrcs",
+        "000002@Class2D/job008/run_classes.mrcs",
+    ]
+    # and they read back from anywhere (the project is found from the file's folder)
+    monkeypatch.chdir(tmp_path)
+    np.testing.assert_array_equal(read_particles(out).read_images(np.array([3])), images[[3]])
+    assert read_class_averages(out.parent / "run_model.star").images.shape == (2, 8, 8)
 
 
 def test_extra_columns_may_cover_every_input_particle(tmp_path):
@@ -182,13 +210,17 @@ def test_bare_stack_written_without_ctf(tmp_path):
     assert again.ctf is None and again.pixel_size_A[0] == 2.0
 
 
-def test_image_names_beside_the_output_are_bare_names(tmp_path):
-    star, _, _ = make_relion31(tmp_path)
+def test_outside_a_project_names_are_absolute_and_read_from_anywhere(tmp_path, monkeypatch):
+    """Beside the stack or elsewhere, the written names find the stack whatever folder
+    a program (RELION included) runs in."""
+    star, _, images = make_relion31(tmp_path)
     ps = read_particles(star)
-    names = starfile.read(write_particle_star(tmp_path / "o.star", ps))["particles"][
-        "rlnImageName"
-    ]
-    assert names.iloc[0] == "000001@stack.mrcs"
+    (tmp_path / "elsewhere").mkdir()
+    for out in (tmp_path / "o.star", tmp_path / "elsewhere" / "o.star"):
+        names = starfile.read(write_particle_star(out, ps))["particles"]["rlnImageName"]
+        assert names.iloc[0] == f"000001@{(tmp_path / 'stack.mrcs').resolve()}"
+        monkeypatch.chdir(tmp_path / "elsewhere")
+        np.testing.assert_array_equal(read_particles(out).read_images(np.array([1])), images[[1]])
 
 
 # -- concat --------------------------------------------------------------------------
@@ -284,11 +316,9 @@ def test_model_star_round_trip(tmp_path):
     assert general["rlnReferenceDimensionality"] == 2
     assert general["rlnNrClasses"] == 3 and general["rlnOriginalImageSize"] == 16
     assert general["rlnPixelSize"] == pytest.approx(2.5)
-    assert list(classes["rlnReferenceImage"]) == [
-        "000001@run_classes.mrcs",
-        "000002@run_classes.mrcs",
-        "000003@run_classes.mrcs",
-    ]
+    # outside a RELION project the stack is named by its absolute path (as particle stacks)
+    stack = (tmp_path / "run_classes.mrcs").resolve()
+    assert list(classes["rlnReferenceImage"]) == [f"{i:06d}@{stack}" for i in (1, 2, 3)]
     np.testing.assert_allclose(classes["rlnEstimatedResolution"], [8, 999, 12])
     model = read_model_star(path)
     assert model.n_classes == 3

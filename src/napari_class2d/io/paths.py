@@ -17,6 +17,19 @@ import numpy as np
 from napari_class2d.io.errors import ParticleFileError
 from napari_class2d.io.mrc import StackHeader, check_stack_header, read_stack_header
 
+#: the file RELION (2.0 to 5) keeps in the folder of a project
+RELION_PIPELINE = "default_pipeline.star"
+
+
+def relion_project_of(folder: str | Path) -> Path | None:
+    """The RELION project ``folder`` lies in: the nearest of ``folder`` and its parents
+    that holds :data:`RELION_PIPELINE`; ``None`` outside a RELION project."""
+    here = Path(os.path.abspath(folder))
+    for candidate in (here, *here.parents):
+        if (candidate / RELION_PIPELINE).is_file():
+            return candidate
+    return None
+
 
 def candidate_paths(
     name: str,

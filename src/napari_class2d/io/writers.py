@@ -19,6 +19,7 @@ import pandas as pd
 
 from napari_class2d.io.optics import OPTICS_CTF_COLUMNS, optics_table_for
 from napari_class2d.io.particles import ParticleSet
+from napari_class2d.io.paths import relion_project_of
 from napari_class2d.io.starwriter import write_star_file
 
 #: CTFParams field -> RELION particle column
@@ -107,29 +108,34 @@ def atomic_write(
     return path
 
 
-def _relative_or_absolute(target: Path, folder: Path) -> str:
-    """``target`` relative to ``folder`` when they share more than the root."""
-    target, folder = Path(os.path.abspath(target)), Path(os.path.abspath(folder))
-    try:
-        common = os.path.commonpath([target, folder])
-    except ValueError:  # different drives
-        return str(target)
-    if common == os.path.sep or common == target.anchor:
-        return str(target)
-    return os.path.relpath(target, folder)
+def _stack_name(target: Path, project: Path | None) -> str:
+    """``target`` relative to the RELION ``project`` folder when it lies inside it,
+    otherwise absolute."""
+    target = Path(os.path.abspath(target))
+    if project is not None:
+        project = Path(os.path.abspath(project))
+        if target.is_relative_to(project):
+            return target.relative_to(project).as_posix()
+    return str(target)
 
 
 def image_names_for(particles: ParticleSet, star_folder: Path) -> np.ndarray:
-    """``NNNNNN@stack`` names with stack paths relative to ``star_folder``.
+    """``NNNNNN@stack`` names that RELION, cryoSPARC and napari-class2d all resolve.
 
-    Particles in in-memory stacks keep their ``rlnImageName`` (or get
-    ``NNNNNN@memory``).
+    RELION resolves image names against the folder it runs in, the project
+    folder. So a file written inside a RELION project (a folder holding
+    ``default_pipeline.star``, found from ``star_folder`` upwards) names its
+    stacks relative to that project, as RELION's own files do; anywhere else
+    the names are absolute paths, which every program finds whatever folder
+    it runs in. Particles in in-memory stacks keep their ``rlnImageName`` (or
+    get ``NNNNNN@memory``).
     """
+    project = relion_project_of(star_folder)
     src = particles.images
     relative = []
     for s in range(len(src.stacks)):
         p = src.stack_path(s)
-        relative.append("" if p is None else _relative_or_absolute(p, star_folder))
+        relative.append("" if p is None else _stack_name(p, project))
     relative = np.asarray(relative, dtype=object)
     numbers = pd.Series(src.image_index + 1).astype(str).str.zfill(6)
     names = (numbers + "@" + pd.Series(relative[src.stack_index], dtype=object)).to_numpy(
@@ -241,7 +247,9 @@ def write_particle_star(
     * CTF values are written as ``rlnDefocusU/V`` (Å), ``rlnDefocusAngle``,
       ``rlnPhaseShift`` (degrees) and ``rlnCtfBfactor`` (Å²).
     * ``rlnImageName`` is ``NNNNNN@stack`` with the stack path relative to the
-      output file's folder (absolute when they share only the root).
+      RELION project folder when the output file is inside one, otherwise
+      absolute (see :func:`image_names_for`): RELION resolves image names
+      against the folder it runs in, not the STAR file's folder.
     """
     path = Path(path)
     blocks = particle_star_blocks(path, particles, rows, extra_columns)
@@ -309,8 +317,11 @@ def write_model_star(
     path
         Output ``.star`` file.
     classes_mrcs_name
-        The class-average stack as referenced from the model (normally the file
-        name, e.g. ``run_classes.mrcs``, beside the model file).
+        The class-average stack, a path relative to the model file's folder
+        (normally the file name, e.g. ``run_classes.mrcs``, beside it). The
+        model names it as RELION resolves it: relative to the RELION project
+        when the model is inside one, otherwise absolute (as
+        :func:`image_names_for`).
     class_distribution
         Fraction of particles in each class, shape ``(K,)``.
     class_resolution_A
@@ -344,6 +355,7 @@ def write_model_star(
         from napari_class2d.io.mrc import read_stack_header
 
         original_image_size = read_stack_header(path.parent / classes_mrcs_name).nx
+    reference = _stack_name(path.parent / classes_mrcs_name, relion_project_of(path.parent))
     finite = resolution[resolution < RELION_NO_RESOLUTION]
     general = {
         "rlnReferenceDimensionality": 2,
@@ -359,7 +371,7 @@ def write_model_star(
     general.update(extra_general or {})
     classes = pd.DataFrame(
         {
-            "rlnReferenceImage": [f"{i + 1:06d}@{classes_mrcs_name}" for i in range(k)],
+            "rlnReferenceImage": [f"{i + 1:06d}@{reference}" for i in range(k)],
             "rlnClassDistribution": distribution,
             "rlnEstimatedResolution": resolution,
         }
