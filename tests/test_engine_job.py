@@ -120,6 +120,33 @@ def test_outputs_read_back_as_relion_files(data, tmp_path):
         assert abs(float(m.voxel_size.x) - 5.0) < 1e-4
 
 
+def test_class_averages_are_written_at_the_particle_box(data, tmp_path):
+    """A job at a Fourier-cropped working box (16 px at 10 Å) writes its averages as
+    RELION does, at the particles' box and pixel size (32 px, 5 Å), losing nothing."""
+    import torch
+
+    job, snaps = run(data[0], max_res_A=20.0)
+    assert snaps[-1].class_averages.shape == (4, 16, 16)  # the working box
+    paths = job.write_outputs(tmp_path)
+    with mrcfile.open(paths["classes"]) as m:
+        written = np.asarray(m.data)
+        assert written.shape == (4, 32, 32)
+        assert abs(float(m.voxel_size.x) - 5.0) < 1e-4
+    general = starfile.read(paths["model"], always_dict=True)["model_general"]
+    assert general["rlnOriginalImageSize"] == 32
+    assert abs(general["rlnPixelSize"] - 5.0) < 1e-4
+    # cropping the written averages' transform back to 16 px gives the job's averages
+    spec = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(torch.from_numpy(written))))
+    crop = spec[:, 8:24, 8:24] * (16 / 32) ** 2
+    back = torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(crop))).real.numpy()
+    ref = snaps[-1].class_averages
+    assert np.abs(back - ref).max() < 0.05 * np.abs(ref).max()
+    # and nothing beyond the working Nyquist (10 Å) was invented
+    c = np.arange(32) - 16
+    outside = np.hypot(c[:, None], c[None, :]) >= 8
+    assert np.abs(spec.numpy()[:, outside]).max() < 1e-3 * np.abs(spec.numpy()).max()
+
+
 class ListSource:
     """A real stream source over in-memory particle sets (delivers one set per poll)."""
 

@@ -262,3 +262,27 @@ def soft_circle(
         return (r <= inner_radius_px).float()
     t = ((r - inner_radius_px) / (outer_radius_px - inner_radius_px)).clamp(0, 1)
     return 0.5 * (1 + torch.cos(math.pi * t))
+
+
+def fourier_pad(images: torch.Tensor, box: int) -> torch.Tensor:
+    """``(..., d, d)`` images resampled to ``(..., box, box)`` by zero-padding their transform.
+
+    The inverse of the Fourier crop to the working box: the image keeps its field of
+    view (``box`` smaller pixels), holds no frequency at or beyond the ``d``-box Nyquist
+    (the engine's kept frequencies, ``|f| < d/2``) and keeps its intensity scale (a
+    constant image stays the same constant). ``box >= d``, both even or odd alike.
+    """
+    d = images.shape[-1]
+    if box == d:
+        return images.clone()
+    if box < d:
+        raise ValueError(f"fourier_pad: box {box} is smaller than the images' {d}")
+    dims = (-2, -1)
+    spec = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(images, dim=dims)), dim=dims)
+    c = torch.arange(d, device=images.device, dtype=torch.float32) - d // 2
+    keep = (c[:, None] ** 2 + c[None, :] ** 2) < (d / 2) ** 2
+    out = torch.zeros((*images.shape[:-2], box, box), dtype=spec.dtype, device=images.device)
+    o = box // 2 - d // 2
+    out[..., o : o + d, o : o + d] = spec * keep
+    padded = torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(out, dim=dims)), dim=dims)
+    return padded.real * (box / d) ** 2

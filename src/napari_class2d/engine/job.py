@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from napari_class2d.engine.config import Class2DConfig, ConfigError
+from napari_class2d.engine.fourier import fourier_pad
 from napari_class2d.engine.model import (
     ONLINE_STEP_SIZE,
     Class2DModel,
@@ -429,8 +430,11 @@ class Class2DJob:
             "classes": out / "run_classes.mrcs",
             "model": out / "run_model.star",
         }
+        # at the particles' box and pixel size, as RELION writes classes (so RELION takes
+        # them as references): the working-box averages with their transform zero-padded
+        averages = fourier_pad(torch.from_numpy(m.class_averages()), m.params.box).numpy()
         write_class_averages(
-            paths["classes"], m.class_averages(), m.pixel_size_A, overwrite=overwrite
+            paths["classes"], averages, m.params.pixel_size_A, overwrite=overwrite
         )
         counts = np.bincount(
             self.assignments.best_class[self.assignments.best_class >= 0],
@@ -447,7 +451,7 @@ class Class2DJob:
             paths["classes"].name,
             dist,
             m.resolution.cpu().numpy(),
-            m.pixel_size_A,
+            m.params.pixel_size_A,
             extra_class_columns={"rlnClassECA": eca},
             overwrite=overwrite,
             original_image_size=m.params.box,
