@@ -1,0 +1,213 @@
+"""RELION's Class2D on a simulated set, scored like ours: the established tool's baseline.
+
+Runs ``relion_refine`` (RELION 3.1 from Debian: ``apt-get install relion``) with the
+settings its GUI gives a Class2D job (EM algorithm, K = 50, 25 iterations,
+regularisation T = 2, in-plane sampling 6° and translations ±5 px in 1 px steps with
+oversampling 1, CTF correction, mask with zeros, normalisation and scale
+correction, class centring) on a simulation written by ``quality.py``, then scores
+RELION's last iteration with :func:`napari_class2d.sim.score.score_classification`,
+the rule our classifier is scored by. Wall time and peak memory of RELION are
+measured here, so run it on an idle machine and compare with ``quality.py`` runs
+on the same set.
+
+``--subset N`` runs RELION on the first N particles only and ``--compare-ours`` then
+runs our classifier on the same particles with the same number of full iterations
+over all of them (no online phase), in the same process run, so the per-iteration
+times of the two give a speed ratio measured in one run.
+
+Usage::
+
+    python benchmarks/quality.py --map phantom --oracle --out OUT   # writes OUT/sim
+    python benchmarks/relion_baseline.py OUT/sim [--out DIR] [--iter 25] [--classes 50]
+        [--threads 2] [--subset N] [--compare-ours] [--extra "--relion_option value"]
+
+Writes ``DIR/relion.json`` (default DIR: the simulation's parent folder) and keeps
+RELION's files in ``DIR/relion/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import machine, peak_rss_mb, write_json
+
+
+def relion_command(particles: str, out_prefix: Path, args, diameter_A: float) -> list[str]:
+    """``relion_refine`` as the RELION GUI runs a Class2D job with its default settings."""
+    return [
+        "relion_refine",
+        "--i",
+        particles,
+        "--o",
+        str(out_prefix.resolve()),
+        "--dont_combine_weights_via_disc",
+        "--pool",
+        "30",
+        "--pad",
+        "2",
+        "--ctf",
+        "--iter",
+        str(args.iter),
+        "--tau2_fudge",
+        "2",
+        "--particle_diameter",
+        str(diameter_A),
+        "--K",
+        str(args.classes),
+        "--flatten_solvent",
+        "--zero_mask",
+        "--center_classes",
+        "--oversampling",
+        "1",
+        # the GUI's 6° in-plane and 1 px translation steps are passed doubled
+        # (oversampling 1 halves them in the last pass)
+        "--psi_step",
+        "12",
+        "--offset_range",
+        "5",
+        "--offset_step",
+        "2",
+        "--norm",
+        "--scale",
+        "--j",
+        str(args.threads),
+        "--random_seed",
+        str(args.seed),
+        *shlex.split(args.extra),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sim", type=Path, help="simulation folder (particles.star, truth.json)")
+    ap.add_argument("--out", type=Path, default=None, help="default: the simulation's parent")
+    ap.add_argument("--iter", type=int, default=25, help="RELION iterations (GUI default 25)")
+    ap.add_argument("--classes", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--extra", default="", help="more relion_refine options")
+    ap.add_argument("--subset", type=int, default=0, help="only the first N particles")
+    ap.add_argument(
+        "--compare-ours",
+        action="store_true",
+        help="also run our classifier on the same particles with --iter full iterations",
+    )
+    args = ap.parse_args(argv)
+
+    if shutil.which("relion_refine") is None:
+        sys.exit("relion_refine not found: install RELION (Debian: apt-get install relion)")
+    sim_dir = args.sim.resolve()
+    truth = json.loads((sim_dir / "truth.json").read_text())
+    out = (args.out or sim_dir.parent).resolve()
+    job = out / "relion"
+    job.mkdir(parents=True, exist_ok=True)
+    diameter = round(1.1 * truth["particle_diameter_A"])  # as quality.py gives ours
+    particles = "particles.star"  # RELION runs in the simulation folder: names are relative
+    if args.subset:
+        import starfile
+
+        blocks = starfile.read(sim_dir / "particles.star", always_dict=True)
+        table = blocks["particles"].iloc[: args.subset].copy()
+        table["rlnImageName"] = [
+            f"{n.split('@')[0]}@{sim_dir / n.split('@')[1]}" for n in table["rlnImageName"]
+        ]
+        particles = str(job / "particles_subset.star")
+        starfile.write({"optics": blocks["optics"], "particles": table}, particles)
+    cmd = relion_command(particles, job / "run", args, diameter)
+    version = subprocess.run(
+        ["relion_refine", "--version"], capture_output=True, text=True
+    ).stdout.strip()
+    print(" ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    with open(job / "relion.log", "w") as log:
+        done = subprocess.run(cmd, cwd=sim_dir, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    if done.returncode:
+        sys.exit(f"relion_refine failed (exit {done.returncode}); see {job / 'relion.log'}")
+    # iteration boundaries: when RELION wrote each iteration's model
+    stamps = [(job / f"run_it{i:03d}_model.star").stat().st_mtime for i in range(args.iter + 1)]
+    relion_iteration_s = [round(b - a, 1) for a, b in zip(stamps, stamps[1:], strict=False)]
+    ours = _run_ours(Path(particles) if args.subset else sim_dir / particles, out, args, truth)
+
+    from napari_class2d.sim.score import score_classification
+
+    last = f"run_it{args.iter:03d}"
+    score = score_classification(sim_dir, job / f"{last}_data.star", job / f"{last}_classes.mrcs")
+    summary = {
+        "views_recovered": f"{score['views_recovered']}/{score['n_views']}",
+        "rare_views_recovered": f"{score['rare_views_recovered']}/{score['n_rare_views']}",
+        "purity": round(score["purity"], 3),
+        "junk_in_recovered_classes": round(score["junk_in_recovered_classes"], 3),
+        "junk_share_of_recovered_classes": round(score["junk_share_of_recovered_classes"], 4),
+        "median_class_resolution_A": score["median_class_resolution_A"],
+        "wall_s": round(wall, 1),
+        "s_per_iteration": round(wall / args.iter, 1),
+        "peak_rss_MB": round(peak_rss_mb(children=True)),
+        "n_particles": args.subset or truth["n_particles"],
+        "relion_iteration_s": relion_iteration_s,
+    }
+    if ours is not None:
+        summary["ours_iteration_s"] = ours
+        summary["relion_over_ours_total"] = round(sum(relion_iteration_s) / sum(ours), 1)
+        summary["relion_over_ours_last_iteration"] = round(relion_iteration_s[-1] / ours[-1], 1)
+    write_json(
+        out / "relion.json",
+        {
+            "benchmark": "relion_baseline",
+            "relion_version": version,
+            "command": cmd,
+            "simulation": str(sim_dir),
+            "machine": machine(),
+            "summary": summary,
+            "score": score,
+        },
+    )
+    print(json.dumps(summary, indent=2))
+    for pv in score["per_view"]:
+        res = pv.get("resolution_A")
+        res_text = "-" if res is None or not math.isfinite(res) else f"{res:.1f}"
+        print(
+            f"  view {pv['view']:2d} {pv['kind']:8s} n={pv['n_particles']:4d} "
+            f"{'RECOVERED' if pv['recovered'] else 'missed'} res={res_text} Å"
+        )
+    print(f"wrote {out / 'relion.json'}")
+    return 0
+
+
+def _run_ours(particles: Path, out: Path, args, truth: dict) -> list[float] | None:
+    """Our classifier on the same particles: ``args.iter`` full iterations; seconds each."""
+    if not args.compare_ours:
+        return None
+    from napari_class2d.engine.config import Class2DConfig
+    from napari_class2d.engine.job import Class2DJob
+    from napari_class2d.io.particles import ParticleSet
+
+    apix = truth["pixel_size_A"]
+    config = Class2DConfig(
+        n_classes=args.classes,
+        max_res_A=max(6.0, math.ceil(20 * apix) / 10),  # as quality.py
+        particle_diameter_A=round(1.1 * truth["particle_diameter_A"]),
+        n_online_em_iterations=0,
+        n_final_full_iterations=args.iter,
+        seed=args.seed,
+    )
+    job = Class2DJob(ParticleSet.from_file(particles), config, out / "ours", overwrite=True)
+    times, t0 = [], time.perf_counter()
+    for snap in job.run():
+        t1 = time.perf_counter()
+        times.append(round(t1 - t0, 2))
+        print(f"  ours it {snap.iteration}: {t1 - t0:.1f} s", flush=True)
+        t0 = t1
+    return times
+
+
+if __name__ == "__main__":
+    sys.exit(main())
