@@ -180,3 +180,57 @@ def test_relion_refine_reads_our_particles_and_classes_and_agrees_on_poses(proje
     )
     assert np.mean(np.abs(dpsi[same]) <= 6.0) >= 0.85, np.percentile(np.abs(dpsi[same]), 90)
     assert np.mean(dxy[same] <= 1.5 * APIX) >= 0.9, np.percentile(dxy[same], 90)
+
+
+def test_relion_refine_reads_our_exported_selection(project):
+    """The particles of chosen classes, exported with ``napari-class2d select`` into the
+    project, go straight into a RELION job (every image opened)."""
+    ours = starfile.read(project / "Class2D" / "job002" / "run_data.star")["particles"]
+    keep = sorted(ours["rlnClassNumber"].value_counts().index[:2].tolist())
+    (project / "Select" / "job005").mkdir(parents=True)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "napari_class2d",
+            "select",
+            "Class2D/job002",
+            "--keep",
+            ",".join(str(k) for k in keep),
+            "--out",
+            "Select/job005/particles.star",
+        ],
+        cwd=project,
+    )
+    (project / "Class2D" / "job006").mkdir(parents=True)
+    _run(
+        [
+            "relion_refine",
+            "--i",
+            "Select/job005/particles.star",
+            "--o",
+            "Class2D/job006/run",
+            "--K",
+            "2",
+            "--iter",
+            "1",
+            "--ctf",
+            "--particle_diameter",
+            str(DIAMETER_A),
+            "--psi_step",
+            "12",
+            "--offset_range",
+            "3",
+            "--offset_step",
+            "2",
+            "--j",
+            "1",
+            "--pool",
+            "30",
+            "--dont_combine_weights_via_disc",
+        ],
+        cwd=project,
+    )
+    relion = starfile.read(project / "Class2D" / "job006" / "run_it001_data.star")["particles"]
+    expected = ours[ours["rlnClassNumber"].isin(keep)]
+    assert list(relion["rlnImageName"]) == list(expected["rlnImageName"])
