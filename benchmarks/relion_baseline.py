@@ -13,13 +13,18 @@ on the same set.
 ``--subset N`` runs RELION on the first N particles only and ``--compare-ours`` then
 runs our classifier on the same particles with the same number of full iterations
 over all of them (no online phase), in the same process run, so the per-iteration
-times of the two give a speed ratio measured in one run.
+times of the two give a speed ratio measured in one run. ``--ours-default`` runs our
+default schedule on the same particles instead (quality.py's settings: the same mask
+diameter as RELION's, 6 Å or Nyquist; ``--set`` overrides any field) and scores it
+beside RELION; ``--reuse-relion`` scores an earlier RELION run in ``DIR/relion``
+again instead of running it.
 
 Usage::
 
     python benchmarks/quality.py --map phantom --oracle --out OUT   # writes OUT/sim
     python benchmarks/relion_baseline.py OUT/sim [--out DIR] [--iter 25] [--classes 50]
-        [--threads 2] [--subset N] [--compare-ours] [--extra "--relion_option value"]
+        [--threads 2] [--subset N] [--compare-ours | --ours-default [--set KEY=VALUE ...]]
+        [--reuse-relion] [--extra "--relion_option value"]
 
 Writes ``DIR/relion.json`` (default DIR: the simulation's parent folder) and keeps
 RELION's files in ``DIR/relion/``.
@@ -37,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import machine, peak_rss_mb, write_json
+from _common import machine, parse_overrides, peak_rss_mb, write_json
 
 
 def relion_command(particles: str, out_prefix: Path, args, diameter_A: float) -> list[str]:
@@ -100,6 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run our classifier on the same particles with --iter full iterations",
     )
+    ap.add_argument(
+        "--ours-default",
+        action="store_true",
+        help="also run and score our default schedule on the same particles",
+    )
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="our overrides")
+    ap.add_argument(
+        "--reuse-relion", action="store_true", help="score the RELION run already in DIR/relion"
+    )
     args = ap.parse_args(argv)
 
     if shutil.which("relion_refine") is None:
@@ -127,11 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     ).stdout.strip()
     print(" ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    with open(job / "relion.log", "w") as log:
-        done = subprocess.run(cmd, cwd=sim_dir, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - t0
-    if done.returncode:
-        sys.exit(f"relion_refine failed (exit {done.returncode}); see {job / 'relion.log'}")
+    if args.reuse_relion:
+        wall = json.loads((out / "relion.json").read_text())["summary"]["wall_s"]
+    else:
+        with open(job / "relion.log", "w") as log:
+            done = subprocess.run(cmd, cwd=sim_dir, stdout=log, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - t0
+        if done.returncode:
+            sys.exit(f"relion_refine failed (exit {done.returncode}); see {job / 'relion.log'}")
     # iteration boundaries: when RELION wrote each iteration's model
     stamps = [(job / f"run_it{i:03d}_model.star").stat().st_mtime for i in range(args.iter + 1)]
     relion_iteration_s = [round(b - a, 1) for a, b in zip(stamps, stamps[1:], strict=False)]
@@ -154,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         "n_particles": args.subset or truth["n_particles"],
         "relion_iteration_s": relion_iteration_s,
     }
+    if args.ours_default:
+        summary["ours_default"] = _run_ours_default(
+            Path(particles) if args.subset else sim_dir / particles, sim_dir, out, args, truth
+        )
     if ours is not None:
         summary["ours_iteration_s"] = ours
         summary["relion_over_ours_total"] = round(sum(relion_iteration_s) / sum(ours), 1)
@@ -182,6 +203,46 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _our_settings(args, truth: dict) -> dict:
+    """quality.py's settings: K, 6 Å or Nyquist, RELION's mask diameter, the seed."""
+    apix = truth["pixel_size_A"]
+    return {
+        "n_classes": args.classes,
+        "max_res_A": max(6.0, math.ceil(20 * apix) / 10),
+        "particle_diameter_A": round(1.1 * truth["particle_diameter_A"]),
+        "seed": args.seed,
+    }
+
+
+def _run_ours_default(particles: Path, sim_dir: Path, out: Path, args, truth: dict) -> dict:
+    """Our default schedule (with ``--set`` overrides) on the same particles, scored."""
+    from napari_class2d.engine.config import Class2DConfig
+    from napari_class2d.engine.job import Class2DJob
+    from napari_class2d.io.particles import ParticleSet
+    from napari_class2d.sim.score import score_classification
+
+    settings = _our_settings(args, truth) | parse_overrides(args.set)
+    t0 = time.perf_counter()
+    job = Class2DJob(
+        ParticleSet.from_file(particles), Class2DConfig(**settings), out / "ours", overwrite=True
+    )
+    job.run_to_end()
+    wall = time.perf_counter() - t0
+    s = score_classification(
+        sim_dir, out / "ours" / "run_data.star", out / "ours" / "run_classes.mrcs"
+    )
+    return {
+        "settings": settings,
+        "views_recovered": f"{s['views_recovered']}/{s['n_views']}",
+        "rare_views_recovered": f"{s['rare_views_recovered']}/{s['n_rare_views']}",
+        "purity": round(s["purity"], 3),
+        "junk_in_recovered_classes": round(s["junk_in_recovered_classes"], 3),
+        "junk_share_of_recovered_classes": round(s["junk_share_of_recovered_classes"], 4),
+        "median_class_resolution_A": s["median_class_resolution_A"],
+        "wall_s": round(wall, 1),
+    }
+
+
 def _run_ours(particles: Path, out: Path, args, truth: dict) -> list[float] | None:
     """Our classifier on the same particles: ``args.iter`` full iterations; seconds each."""
     if not args.compare_ours:
@@ -190,14 +251,8 @@ def _run_ours(particles: Path, out: Path, args, truth: dict) -> list[float] | No
     from napari_class2d.engine.job import Class2DJob
     from napari_class2d.io.particles import ParticleSet
 
-    apix = truth["pixel_size_A"]
     config = Class2DConfig(
-        n_classes=args.classes,
-        max_res_A=max(6.0, math.ceil(20 * apix) / 10),  # as quality.py
-        particle_diameter_A=round(1.1 * truth["particle_diameter_A"]),
-        n_online_em_iterations=0,
-        n_final_full_iterations=args.iter,
-        seed=args.seed,
+        **_our_settings(args, truth), n_online_em_iterations=0, n_final_full_iterations=args.iter
     )
     job = Class2DJob(ParticleSet.from_file(particles), config, out / "ours", overwrite=True)
     times, t0 = [], time.perf_counter()
