@@ -15,7 +15,7 @@ import pandas as pd
 
 from napari_class2d.io.errors import ParticleFileError
 from napari_class2d.io.mrc import first_nonfinite, open_stack, read_stack_header
-from napari_class2d.io.paths import candidate_paths, relion_project_of, resolve_first
+from napari_class2d.io.paths import candidate_paths, project_folders, resolve_first
 from napari_class2d.io.star import read_star_blocks
 from napari_class2d.io.writers import RELION_NO_RESOLUTION
 
@@ -142,7 +142,7 @@ def read_model_star(path: str | Path, project_dir: str | Path | None = None) -> 
             column="rlnReferenceImage",
         )
     bases = [path.parent, Path(project_dir) if project_dir is not None else None]
-    ancestors = [path.parent.parent, path.parent.parent.parent, relion_project_of(path.parent)]
+    ancestors = project_folders(path)
     resolved: dict[str, Path | None] = {}
     for name in files.unique():
         tried = candidate_paths(name, bases, then=ancestors)

@@ -31,6 +31,14 @@ def relion_project_of(folder: str | Path) -> Path | None:
     return None
 
 
+def project_folders(star_path: Path) -> list[Path | None]:
+    """Folders a STAR file's relative image names are tried against after its own folder
+    and the working directory: the two above its folder (a ``Class2D/job008/x.star``
+    inside a project) and the RELION project it lies in (``None`` outside one)."""
+    folder = star_path.parent
+    return [folder.parent, folder.parent.parent, relion_project_of(folder)]
+
+
 def candidate_paths(
     name: str,
     bases: Sequence[Path | None],

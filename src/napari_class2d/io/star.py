@@ -22,7 +22,7 @@ import starfile
 
 from napari_class2d.io.errors import ParticleFileError
 from napari_class2d.io.particles import CTFParams, ImageSource, ParticleSet
-from napari_class2d.io.paths import candidate_paths, check_stacks, relion_project_of, resolve_first
+from napari_class2d.io.paths import candidate_paths, check_stacks, project_folders, resolve_first
 
 #: RELION column -> CTFParams field, for the columns every CTF needs
 REQUIRED_CTF_COLUMNS = {
@@ -288,7 +288,7 @@ def read_star(
 
     image_index, stack_code, stack_names = parse_image_names(path, particles["rlnImageName"])
     bases = [path.parent, Path(project_dir) if project_dir is not None else None]
-    ancestors = [path.parent.parent, path.parent.parent.parent, relion_project_of(path.parent)]
+    ancestors = project_folders(path)
     stacks: list[Path] = []
     for code, name in enumerate(stack_names):
         tried = candidate_paths(name, bases, then=ancestors)
