@@ -116,6 +116,18 @@ def machine() -> dict:
     }
 
 
+def score_summary(score: dict) -> dict:
+    """The headline figures of a :func:`~napari_class2d.sim.score.score_classification`
+    result, as every benchmark reports them."""
+    return {
+        "views_recovered": f"{score['views_recovered']}/{score['n_views']}",
+        "rare_views_recovered": f"{score['rare_views_recovered']}/{score['n_rare_views']}",
+        "purity": round(score["purity"], 3),
+        "junk_in_recovered_classes": round(score["junk_in_recovered_classes"], 3),
+        "junk_share_of_recovered_classes": round(score["junk_share_of_recovered_classes"], 4),
+    }
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp"

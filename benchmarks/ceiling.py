@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import machine, write_json
+from _common import machine, score_summary, write_json
 
 
 def _all_shifts(max_shift_px: float):
@@ -153,11 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "fraction_assigned_to_their_view": round(float(correct.mean()), 3),
         "per_view_fraction": per_label,
         "junk_label": k - 1,
-        "views_recovered": f"{score['views_recovered']}/{score['n_views']}",
-        "rare_views_recovered": f"{score['rare_views_recovered']}/{score['n_rare_views']}",
-        "purity": round(score["purity"], 3),
-        "junk_in_recovered_classes": round(score["junk_in_recovered_classes"], 3),
-        "junk_share_of_recovered_classes": round(score["junk_share_of_recovered_classes"], 4),
+        **score_summary(score),
         "search_ms_per_particle": round(1e3 * stats.timings["search_s"] / len(idx), 2),
         "e_step_s": round(seconds, 1),
         "machine": machine(),

@@ -31,6 +31,7 @@ from _common import (
     map_path,
     parse_overrides,
     peak_rss_mb,
+    score_summary,
     simulate_in_child,
     write_json,
 )
@@ -184,11 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     score = score_classification(sim_dir, paths["data"], paths["classes"])
     summary = {
-        "views_recovered": f"{score['views_recovered']}/{score['n_views']}",
-        "rare_views_recovered": f"{score['rare_views_recovered']}/{score['n_rare_views']}",
-        "purity": round(score["purity"], 3),
-        "junk_in_recovered_classes": round(score["junk_in_recovered_classes"], 3),
-        "junk_share_of_recovered_classes": round(score["junk_share_of_recovered_classes"], 4),
+        **score_summary(score),
         "median_class_resolution_A": score["median_class_resolution_A"],
         "pose_error": score["pose_error"],
         "classification_wall_s": round(wall, 1),

@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import machine, parse_overrides, peak_rss_mb, write_json
+from _common import machine, parse_overrides, peak_rss_mb, score_summary, write_json
 
 
 def relion_command(particles: str, out_prefix: Path, args, diameter_A: float) -> list[str]:
@@ -141,12 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     ).stdout.strip()
     print(" ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    if args.reuse_relion:
-        wall = json.loads((out / "relion.json").read_text())["summary"]["wall_s"]
+    if args.reuse_relion:  # wall time and memory as measured when RELION ran
+        earlier = json.loads((out / "relion.json").read_text())["summary"]
+        wall, peak_mb = earlier["wall_s"], earlier["peak_rss_MB"]
     else:
         with open(job / "relion.log", "w") as log:
             done = subprocess.run(cmd, cwd=sim_dir, stdout=log, stderr=subprocess.STDOUT)
         wall = time.perf_counter() - t0
+        peak_mb = round(peak_rss_mb(children=True))
         if done.returncode:
             sys.exit(f"relion_refine failed (exit {done.returncode}); see {job / 'relion.log'}")
     # iteration boundaries: when RELION wrote each iteration's model
@@ -159,15 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     last = f"run_it{args.iter:03d}"
     score = score_classification(sim_dir, job / f"{last}_data.star", job / f"{last}_classes.mrcs")
     summary = {
-        "views_recovered": f"{score['views_recovered']}/{score['n_views']}",
-        "rare_views_recovered": f"{score['rare_views_recovered']}/{score['n_rare_views']}",
-        "purity": round(score["purity"], 3),
-        "junk_in_recovered_classes": round(score["junk_in_recovered_classes"], 3),
-        "junk_share_of_recovered_classes": round(score["junk_share_of_recovered_classes"], 4),
+        **score_summary(score),
         "median_class_resolution_A": score["median_class_resolution_A"],
         "wall_s": round(wall, 1),
         "s_per_iteration": round(wall / args.iter, 1),
-        "peak_rss_MB": round(peak_rss_mb(children=True)),
+        "peak_rss_MB": peak_mb,
         "n_particles": args.subset or truth["n_particles"],
         "relion_iteration_s": relion_iteration_s,
     }
@@ -233,11 +231,7 @@ def _run_ours_default(particles: Path, sim_dir: Path, out: Path, args, truth: di
     )
     return {
         "settings": settings,
-        "views_recovered": f"{s['views_recovered']}/{s['n_views']}",
-        "rare_views_recovered": f"{s['rare_views_recovered']}/{s['n_rare_views']}",
-        "purity": round(s["purity"], 3),
-        "junk_in_recovered_classes": round(s["junk_in_recovered_classes"], 3),
-        "junk_share_of_recovered_classes": round(s["junk_share_of_recovered_classes"], 4),
+        **score_summary(s),
         "median_class_resolution_A": s["median_class_resolution_A"],
         "wall_s": round(wall, 1),
     }
