@@ -38,6 +38,35 @@ def _run(cmd: list[str], cwd) -> subprocess.CompletedProcess:
     return done
 
 
+def _relion_class2d(project, particles: str, job: str, k: int, *options: str) -> None:
+    """One iteration of RELION's Class2D from the project folder, into ``job/run_*``
+    (the job folder is made first, as RELION's pipeliner does)."""
+    (project / job).mkdir(parents=True)
+    _run(
+        [
+            "relion_refine",
+            "--i",
+            particles,
+            "--o",
+            f"{job}/run",
+            "--K",
+            str(k),
+            "--iter",
+            "1",
+            "--ctf",
+            "--particle_diameter",
+            str(DIAMETER_A),
+            "--j",
+            "1",
+            "--pool",
+            "30",
+            "--dont_combine_weights_via_disc",
+            *options,
+        ],
+        cwd=project,
+    )
+
+
 def _classify(project, particles: str, out: str) -> None:
     _run(
         [
@@ -121,44 +150,16 @@ def test_relion_star_handler_selects_our_classes(project):
 def test_relion_refine_reads_our_particles_and_classes_and_agrees_on_poses(project):
     """One RELION Class2D iteration from the project folder, with our particles and our
     class averages (named in run_model.star) as references."""
-    out = project / "Class2D" / "job004"
-    out.mkdir(parents=True)
-    _run(
-        [
-            "relion_refine",
-            "--i",
-            "Class2D/job002/run_data.star",
-            "--ref",
-            "Class2D/job002/run_model.star",
-            "--o",
-            "Class2D/job004/run",
-            "--K",
-            "6",
-            "--iter",
-            "1",
-            "--ctf",
-            "--particle_diameter",
-            str(DIAMETER_A),
-            "--tau2_fudge",
-            "2",
-            "--psi_step",
-            "6",
-            "--offset_range",
-            "3",
-            "--offset_step",
-            "1",
-            "--flatten_solvent",
-            "--zero_mask",
-            "--norm",
-            "--scale",
-            "--j",
-            "1",
-            "--pool",
-            "30",
-            "--dont_combine_weights_via_disc",
-        ],
-        cwd=project,
+    _relion_class2d(
+        project,
+        "Class2D/job002/run_data.star",
+        "Class2D/job004",
+        6,
+        *("--ref", "Class2D/job002/run_model.star", "--tau2_fudge", "2"),
+        *("--psi_step", "6", "--offset_range", "3", "--offset_step", "1"),
+        *("--flatten_solvent", "--zero_mask", "--norm", "--scale"),
     )
+    out = project / "Class2D" / "job004"
     ours = starfile.read(project / "Class2D" / "job002" / "run_data.star")["particles"]
     relion = starfile.read(out / "run_it001_data.star")["particles"]
     assert list(relion["rlnImageName"]) == list(ours["rlnImageName"])  # every image found
@@ -202,34 +203,12 @@ def test_relion_refine_reads_our_exported_selection(project):
         ],
         cwd=project,
     )
-    (project / "Class2D" / "job006").mkdir(parents=True)
-    _run(
-        [
-            "relion_refine",
-            "--i",
-            "Select/job005/particles.star",
-            "--o",
-            "Class2D/job006/run",
-            "--K",
-            "2",
-            "--iter",
-            "1",
-            "--ctf",
-            "--particle_diameter",
-            str(DIAMETER_A),
-            "--psi_step",
-            "12",
-            "--offset_range",
-            "3",
-            "--offset_step",
-            "2",
-            "--j",
-            "1",
-            "--pool",
-            "30",
-            "--dont_combine_weights_via_disc",
-        ],
-        cwd=project,
+    _relion_class2d(
+        project,
+        "Select/job005/particles.star",
+        "Class2D/job006",
+        2,
+        *("--psi_step", "12", "--offset_range", "3", "--offset_step", "2"),
     )
     relion = starfile.read(project / "Class2D" / "job006" / "run_it001_data.star")["particles"]
     expected = ours[ours["rlnClassNumber"].isin(keep)]
