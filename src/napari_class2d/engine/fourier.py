@@ -271,6 +271,8 @@ def fourier_pad(images: torch.Tensor, box: int) -> torch.Tensor:
     view (``box`` smaller pixels), holds no frequency at or beyond the ``d``-box Nyquist
     (the engine's kept frequencies, ``|f| < d/2``) and keeps its intensity scale (a
     constant image stays the same constant). ``box >= d``, both even or odd alike.
+    ``torch_fourier_rescale.fourier_rescale_2d`` (used by the simulator) keeps the
+    square's corners beyond ``d/2`` instead, which the engine never estimated.
     """
     d = images.shape[-1]
     if box == d:
