@@ -68,6 +68,17 @@ class Class2DConfig:
     mask_inner_diameter_A, mask_outer_diameter_A
         Soft circular mask applied to the class averages, in Å
         (``None``: inner = particle diameter, outer = inner + 20 %).
+    mask_particles_with_zeros
+        Multiply every particle by the soft circular mask (``mask_inner_diameter_A``
+        to ``mask_outer_diameter_A``) before it is compared with the classes, so
+        that neighbours, carbon and background texture outside the particle do not
+        drive its alignment (RELION's "mask individual particles with zeros").
+        Off: only a soft window at the box edge (0.85-0.99 of the box radius).
+    resolution_increment_px
+        The search uses frequencies up to the current resolution of the classes
+        (where their spectral signal-to-noise ratio still reaches 1) plus this many
+        Fourier shells (RELION's ``--incr_size``), never beyond the maximum
+        alignment resolution; it grows as the classes improve.
     recenter
         Re-centre class averages on their centre of mass every iteration.
     recenter_threshold
@@ -120,6 +131,8 @@ class Class2DConfig:
     white_noise: bool = False
     ctf_correction: CTFMode = "full"
     clamp_solvent: bool = False
+    mask_particles_with_zeros: bool = True
+    resolution_increment_px: int = 10
     particle_diameter_A: float | None = None
     mask_inner_diameter_A: float | None = None
     mask_outer_diameter_A: float | None = None
@@ -245,6 +258,7 @@ class Class2DConfig:
                 "mask_outer_diameter_A",
                 "must be >= the inner diameter",
             )
+        need(self.resolution_increment_px >= 1, "resolution_increment_px", "must be >= 1")
         need(0 < self.recenter_threshold < 1, "recenter_threshold", "must be in (0, 1)")
         need(self.regularisation_factor > 0, "regularisation_factor", "must be > 0")
         need(isinstance(self.seed, int), "seed", "must be an integer")
@@ -337,6 +351,7 @@ class Class2DConfig:
             mask_outer_diameter_A=outer,
             inplane_step_deg=step,
             max_shift_A=max_shift,
+            mask_particles_with_zeros=self.mask_particles_with_zeros,
         )
 
 
@@ -355,3 +370,4 @@ class ResolvedParams:
     mask_outer_diameter_A: float
     inplane_step_deg: float
     max_shift_A: float
+    mask_particles_with_zeros: bool = True

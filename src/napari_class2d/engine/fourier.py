@@ -156,8 +156,8 @@ class FourierGrid:
             values.shape[:-1] + (self.n_rings,), dtype=values.dtype, device=values.device
         )
         out.index_add_(-1, self.ring, values)
-        count = torch.bincount(self.ring, minlength=self.n_rings).to(values.dtype)
-        return out / count.clamp(min=1)
+        count = torch.bincount(self.ring, minlength=self.n_rings).clamp(min=1)
+        return out / count.to(values.dtype)
 
 
 def rotation_grid(angles_deg: torch.Tensor, box: int) -> torch.Tensor:
@@ -250,6 +250,38 @@ def rotated_coefficients(
     )
     out = out.reshape(2, k, angles_deg.numel(), grid.n)
     return torch.complex(out[0], out[1])
+
+
+def rotate_even_spectrum(
+    values: torch.Tensor, angles_deg: torch.Tensor, grid: FourierGrid
+) -> torch.Tensor:
+    """Sample real, even Fourier-space functions at rotated frequencies.
+
+    ``values``: ``(M, F)`` real on the kept frequencies (a function with
+    ``v(-f) = v(f)``, such as ``CTF²`` weights); returns ``v(R_ψ g)`` at every kept
+    ``g`` for each row's angle ψ (degrees), by bilinear interpolation on the full plane.
+    """
+    d, m = grid.box, values.shape[0]
+    plane = torch.zeros((m, d, d), dtype=values.dtype, device=values.device)
+    c = d // 2
+    ky, kx = grid.ky.long() + c, grid.kx.long() + c
+    plane[:, ky, kx] = values
+    mky, mkx = (c - grid.ky.long()) % d, (c - grid.kx.long()) % d
+    plane[:, mky, mkx] = values
+    a = torch.deg2rad(angles_deg.float())[:, None]
+    cos, sin = torch.cos(a), torch.sin(a)
+    gx = cos * grid.kx - sin * grid.ky  # R_psi g
+    gy = sin * grid.kx + cos * grid.ky
+    scale = 2.0 / (d - 1)
+    sample = torch.stack(((gx + c) * scale - 1, (gy + c) * scale - 1), -1)  # (M, F, 2)
+    out = F.grid_sample(
+        plane[:, None],
+        sample[:, None],
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=True,
+    )
+    return out[:, 0, 0]
 
 
 def soft_circle(

@@ -20,18 +20,34 @@ import numpy as np
 import torch
 
 from napari_class2d.engine.config import Class2DConfig, ResolvedParams
-from napari_class2d.engine.fourier import FourierGrid, rotated_coefficients, soft_circle
+from napari_class2d.engine.fourier import (
+    FourierGrid,
+    rotate_even_spectrum,
+    rotated_coefficients,
+    soft_circle,
+)
 from napari_class2d.engine.pool import ParticlePool
 from napari_class2d.engine.reconstruct import (
     back_rotate,
     centre_of_mass_shift,
     clamp_solvent,
-    half_set_wiener,
+    class_power,
+    current_radius,
+    data_vs_prior,
+    regularised_average,
     resolution_from_frc,
     rotated_ctf_weight,
-    wiener,
+    signal_prior,
 )
-from napari_class2d.engine.search import PhaseTable, SearchSpace, SearchTables, search
+from napari_class2d.engine.search import (
+    MarginalResult,
+    PhaseTable,
+    SearchResult,
+    SearchSpace,
+    SearchTables,
+    marginal_search,
+    search,
+)
 
 #: step size of online-EM iterations after the first (documented in docs/parameters.md)
 ONLINE_STEP_SIZE = 0.5
@@ -41,6 +57,9 @@ MIN_WEIGHT = 0.01
 CROSS_HALF_START = 3
 #: a class whose soft count falls below this fraction of the mean is "emptied"
 EMPTY_FRACTION = 0.05
+#: online iterations marginalise over rotations until the mean best-pose probability
+#: (RELION's ave_Pmax) of a marginalised iteration reaches this
+SHARP_POSTERIOR = 0.5
 
 
 @dataclass
@@ -71,6 +90,116 @@ class ParticleAssignments:
         extra = ParticleAssignments.empty(n - len(self.best_class))
         for name in self.__dataclass_fields__:
             setattr(self, name, np.concatenate([getattr(self, name), getattr(extra, name)]))
+
+
+@dataclass
+class _ChunkResult:
+    """One E-step chunk: class posteriors and each particle's best class and pose."""
+
+    gamma: torch.Tensor  # (B, K) class posterior
+    best: torch.Tensor  # (B,) best class
+    rotation: torch.Tensor  # (B,) fine rotation index of its best pose
+    shift: torch.Tensor  # (B, 2) px
+    max_prob: torch.Tensor  # (B,) posterior of the best class and pose
+    ess_pose: torch.Tensor  # (B,) effective number of poses
+    loglik: torch.Tensor  # (B,) pose-dependent log-likelihood of the best class
+    search: SearchResult | MarginalResult
+
+
+@dataclass
+class _Contributions:
+    """The best pose of each refined class of every particle, for :meth:`Class2DModel._accumulate`.
+
+    Filled chunk by chunk into tensors allocated once per iteration: small long-lived
+    tensors between the chunks' large temporaries fragment the heap.
+    """
+
+    classes: torch.Tensor  # (n, N) int64
+    angles_deg: torch.Tensor  # (n, N)
+    shifts: torch.Tensor  # (n, N, 2) px
+    weights: torch.Tensor  # (n, N)
+    filled: int = 0
+
+    @classmethod
+    def create(cls, n: int, n_refine: int) -> _Contributions:
+        return cls(
+            torch.empty((n, n_refine), dtype=torch.long),
+            torch.empty((n, n_refine)),
+            torch.empty((n, n_refine, 2)),
+            torch.empty((n, n_refine)),
+        )
+
+    def add(self, out: _ChunkResult, space: SearchSpace) -> None:
+        res = out.search
+        # posterior of the refined classes only (others are negligible by construction)
+        g_top = out.gamma.gather(1, res.classes)
+        g_top = torch.where(g_top >= MIN_WEIGHT * g_top[:, :1], g_top, 0.0)
+        g_top = g_top / g_top.sum(1, keepdim=True).clamp(min=1e-30)
+        rows = slice(self.filled, self.filled + g_top.shape[0])
+        self.filled = rows.stop
+        self.classes[rows] = res.classes.cpu()
+        self.angles_deg[rows] = space.fine_angles_deg[res.rotation].cpu()
+        self.shifts[rows] = res.shift.cpu()
+        self.weights[rows] = g_top.cpu()
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.classes, self.angles_deg, self.shifts, self.weights
+
+
+@dataclass
+class _Buckets:
+    """M-step sums of a marginalised iteration, per half set, class and coarse rotation,
+    in the particle frame: every particle adds ``γ_kr · S_t⁻¹(w·CTF·X)`` to each bucket
+    (one batched matrix product per chunk), and each bucket is turned to the class frame
+    once per iteration instead of once per contribution."""
+
+    num: torch.Tensor  # (2, K, R, F) complex
+    den: torch.Tensor  # (2, K, R, F)
+
+    @classmethod
+    def create(cls, k: int, n_rot: int, n_freq: int, device: torch.device) -> _Buckets:
+        return cls(
+            torch.zeros((2, k, n_rot, n_freq), dtype=torch.complex64, device=device),
+            torch.zeros((2, k, n_rot, n_freq), device=device),
+        )
+
+    def add(
+        self, h: int, out: _ChunkResult, y: torch.Tensor, wc2: torch.Tensor, phases: PhaseTable
+    ) -> None:
+        """Add a chunk of half set ``h``: ``y = w·CTF·X`` (complex) and ``wc2 = w·CTF²``,
+        ``(B, F)`` on the averaged frequencies, ``phases`` their shift table."""
+        b, k, r = out.search.rotation_posterior.shape
+        w = out.gamma[:, :, None] * out.search.rotation_posterior  # (B, K, R)
+        z = y[:, None, :] * phases(out.search.shift)  # (B, K, F): each class's best shift
+        acc = torch.bmm(w.permute(1, 2, 0), torch.view_as_real(z).flatten(-2).transpose(0, 1))
+        self.num[h] += torch.view_as_complex(acc.reshape(k, r, -1, 2).contiguous())
+        self.den[h] += (w.reshape(b, k * r).T @ wc2).reshape(k, r, -1)
+
+    def class_frame(
+        self, space: SearchSpace, grid: FourierGrid, keep: torch.Tensor, ctf_mode: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(2, K, F)`` sums in the class frame over all kept frequencies (0 outside
+        ``keep``): each bucket turned back by its angle."""
+        two, k, r, _ = self.num.shape
+        f = grid.n
+        angles = space.fine_angles_deg[:: space.stride].repeat(two * k)
+        num = torch.zeros((two * k, f), dtype=self.num.dtype, device=self.num.device)
+        den = torch.zeros((two * k, f), device=self.num.device)
+        flat_num = self.num.reshape(two * k * r, -1)
+        flat_den = self.den.reshape(two * k * r, -1)
+        step = 512  # bounds the real-space temporaries
+        for s in range(0, flat_num.shape[0], step):
+            rows = slice(s, s + step)
+            slot = torch.arange(s, min(s + step, flat_num.shape[0]), device=num.device) // r
+            full = torch.zeros((slot.numel(), f), dtype=num.dtype, device=num.device)
+            full[:, keep] = flat_num[rows]
+            num.index_add_(0, slot, back_rotate(full, angles[rows], grid))
+            dfull = torch.zeros((slot.numel(), f), device=num.device)
+            dfull[:, keep] = flat_den[rows]
+            if ctf_mode != "off":  # w alone is the same in every frame
+                dfull = rotate_even_spectrum(dfull, angles[rows], grid)
+            den.index_add_(0, slot, dfull)
+        return num.reshape(two, k, f), den.reshape(two, k, f)
 
 
 @dataclass
@@ -111,9 +240,14 @@ class Class2DModel:
             device,
         )
         self.align_grid = g.subset(self.space.align_band)
-        radius = int(math.ceil(params.max_shift_A / apix)) + 2
-        self.align_phases = PhaseTable(self.align_grid, radius, device)
-        self.phases = PhaseTable(g, radius, device)
+        self._phase_radius = int(math.ceil(params.max_shift_A / apix)) + 2
+        self.align_phases = PhaseTable(self.align_grid, self._phase_radius, device)
+        self.phases = PhaseTable(g, self._phase_radius, device)
+        self._min_align_radius, self._max_align_radius = min_r, max_r
+        #: the search uses frequencies up to this radius (cycles per box); see _update_references
+        self.current_radius = max_r
+        self._band: tuple | None = None  # (radius, space, align grid, phase table) of that band
+        self._m_band: tuple | None = None  # (radius, mask, phase table): see marginal_band
         k, f = config.n_classes, g.n
         self.num = torch.zeros((2, k, f), dtype=torch.complex64, device=device)
         self.den = torch.zeros((2, k, f), device=device)
@@ -122,6 +256,7 @@ class Class2DModel:
         self.references = torch.zeros((k, g.box, g.box), device=device)
         self.resolution = torch.full((k,), float("inf"), device=device)
         self.frc = torch.zeros((k, g.n_rings), device=device)
+        self.tau2 = torch.ones((k, g.n_rings), device=device)
         self.mask = soft_circle(
             g.box,
             0.5 * params.mask_inner_diameter_A / apix,
@@ -132,13 +267,20 @@ class Class2DModel:
         self.initialised = False
         #: M-steps from E-step assignments since the initialisation (see _search_references)
         self.n_updates = 0
+        #: online iterations marginalise over in-plane rotations (see iterate)
+        self.marginalise_poses = True
 
     # -- state for checkpoints ---------------------------------------------------------
     def state_dict(self) -> dict:
         return {
             n: getattr(self, n).cpu()
-            for n in ("num", "den", "noise", "prior", "references", "resolution", "frc")
-        } | {"initialised": self.initialised, "n_updates": self.n_updates}
+            for n in ("num", "den", "noise", "prior", "references", "resolution", "frc", "tau2")
+        } | {
+            "initialised": self.initialised,
+            "n_updates": self.n_updates,
+            "current_radius": self.current_radius,
+            "marginalise_poses": self.marginalise_poses,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for n, v in state.items():
@@ -160,18 +302,52 @@ class Class2DModel:
             return torch.ones_like(ctf)
         return ctf if mode == "full" else torch.sign(ctf)
 
-    def _chunk(self, pool: ParticlePool) -> int:
+    def search_band(self) -> tuple[SearchSpace, FourierGrid, PhaseTable]:
+        """Search space, its frequencies and their shift phases at the current radius.
+
+        The alignment band (minimum to maximum alignment resolution) cut at
+        :attr:`current_radius`; rebuilt only when the radius changes.
+        """
+        r = min(self.current_radius, self._max_align_radius)
+        if r >= self._max_align_radius:
+            return self.space, self.align_grid, self.align_phases
+        if self._band is None or self._band[0] != r:
+            space = SearchSpace.create(
+                self.grid,
+                self.params.inplane_step_deg,
+                self.params.max_shift_A / self.pixel_size_A,
+                self._min_align_radius,
+                r,
+                self.config.n_classes,
+                self.device,
+            )
+            grid = self.grid.subset(space.align_band)
+            self._band = (r, space, grid, PhaseTable(grid, self._phase_radius, self.device))
+        return self._band[1:]
+
+    def marginal_band(self) -> tuple[torch.Tensor, PhaseTable]:
+        """Frequencies a marginalised iteration averages (``|f|`` up to the current radius,
+        as RELION's current image size) and their shift phases: ``(F,)`` bool mask and
+        table. Beyond the radius the classes keep no data from such an iteration."""
+        r = min(self.current_radius, self._max_align_radius)
+        if self._m_band is None or self._m_band[0] != r:
+            keep = self.grid.radius <= r
+            table = PhaseTable(self.grid.subset(keep), self._phase_radius, self.device)
+            self._m_band = (r, keep, table)
+        return self._m_band[1:]
+
+    def _chunk(self, pool: ParticlePool, space: SearchSpace, marginal: bool = False) -> int:
         """Particles per E-step chunk: within the memory budget and small enough that the
         temporaries (a few MB each) are reused by the allocator instead of page-faulted in."""
-        k, f = self.config.n_classes, int(self.space.align_band.sum())
-        t = self.space.coarse_shifts.shape[0]
-        n1, n, j = self.space.n_candidates, self.space.n_refine, self.space.refine_offsets.numel()
-        fp = int(self.space.pose_in_align.sum()) * max(self.space.n_coarse_poses, j, 9)
+        k, f = self.config.n_classes, int(space.align_band.sum())
+        t = space.coarse_shifts.shape[0]
+        n1, n, j = space.n_candidates, space.n_refine, space.refine_offsets.numel()
+        fp = int(space.pose_in_align.sum()) * max(space.n_coarse_poses, j, 9)
         per_particle = (
-            8 * f * (4 + 3 * n1 + 2 * n * (j + 9))
-            + 8 * 3 * fp * n1
-            + 8 * k * t * self.space.n_coarse
+            8 * f * (4 + 3 * n1 + 2 * n * (j + 9)) + 8 * 3 * fp * n1 + 8 * k * t * space.n_coarse
         )
+        if marginal:  # each particle shifted for every class, in the particle frame
+            per_particle += 8 * k * self.grid.n * 2
         fits = pool.chunk_size_for(per_particle, self.config.memory_budget_GB)
         if self.device.type == "cpu":
             # temporaries of a few tens of MB are reused by the allocator, larger ones
@@ -183,32 +359,56 @@ class Class2DModel:
     def initialise(
         self, pool: ParticlePool, indices: np.ndarray, rng: np.random.Generator
     ) -> None:
-        """References from averages of random particle subsets at random rotations."""
-        k = self.config.n_classes
-        order = rng.permutation(len(indices))
-        classes = np.arange(len(indices)) % k
-        cls_of = np.empty(len(indices), np.int64)
-        cls_of[order] = classes
-        rot = rng.integers(0, self.space.n_fine, len(indices))
-        # initial noise: ring power of the particles themselves (signal + noise)
-        power = torch.zeros(self.grid.n_rings, device=self.device)
-        for s in range(0, len(indices), 1024):
+        """Classes that start as smooth blobs, as RELION starts a 2D job without references.
+
+        * noise: the particles' mean ring power minus the ring power of their mean;
+        * every particle of ``indices`` joins a random class at a random in-plane angle
+          (its poses against the common, nearly round average of the data are all
+          alike), so every class is a blob, slightly different from the others by its
+          random members;
+        * the signal prior is the power of that common average, and the search starts
+          at the resolution where the blobs' spectral SNR drops below 1.
+
+        Classes then diverge from blobs as the first iterations align the particles to
+        them, instead of each starting from one subset's noise, which alignment by the
+        best pose would reproduce ("Einstein from noise").
+        """
+        k, g = self.config.n_classes, self.grid
+        n = len(indices)
+        order = rng.permutation(n)
+        cls_of = np.empty(n, np.int64)
+        cls_of[order] = np.arange(n) % k
+        power = torch.zeros(g.n_rings, device=self.device)
+        total = torch.zeros(g.n, dtype=torch.complex64, device=self.device)
+        for s in range(0, n, 1024):
             x = pool.get(indices[s : s + 1024], self.device)[0]
-            power += self.grid.ring_average(x.abs() ** 2).sum(0)
-        self.noise = (power / len(indices)).clamp(min=1e-12)
+            power += g.ring_average(x.abs() ** 2).sum(0)
+            total += x.sum(0)
+        mean_power = power / n
+        noise = mean_power - g.ring_average((total / n).abs() ** 2)
+        self.noise = torch.maximum(noise, 0.01 * mean_power).clamp(min=1e-12)
         self.noise[0] = self.noise[1]
-        num, den = self._accumulate(
+        # a random in-plane angle per particle draws its marginal over rotations against
+        # the round average; unlike the exact rotational average it leaves each class a
+        # little asymmetric (which the prior below keeps to low resolution), so the classes
+        # start to differ at once instead of staying round for many iterations
+        angles = torch.from_numpy(rng.uniform(0.0, 360.0, (n, 1))).float()
+        self.num, self.den = self._accumulate(
             pool,
             indices,
             torch.from_numpy(cls_of)[:, None],
-            torch.from_numpy(rot)[:, None],
-            torch.zeros((len(indices), 1, 2)),
-            torch.ones((len(indices), 1)),
+            angles,
+            torch.zeros((n, 1, 2)),
+            torch.ones((n, 1)),
         )
-        self.num, self.den = num, den
+        rnum = g.ring_average(self.num).real[..., g.ring].to(self.num.dtype)
+        rden = g.ring_average(self.den)[..., g.ring]
+        common = rnum.sum((0, 1)) / (rden.sum((0, 1)) + 1e-30)
+        self.references = (g.inverse(common) * self.mask).expand(k, -1, -1).clone()
         self._update_references()
         self.initialised = True
         self.n_updates = 0
+        self.marginalise_poses = True
 
     # -- one iteration -----------------------------------------------------------------
     def iterate(
@@ -222,27 +422,31 @@ class Class2DModel:
         online: bool,
         rng: np.random.Generator,
     ) -> IterationStats:
-        """One EM iteration over the particles at ``indices``; updates ``assignments``."""
+        """One EM iteration over the particles at ``indices``; updates ``assignments``.
+
+        Online iterations marginalise over in-plane rotations while the pose posteriors
+        are broad (:attr:`marginalise_poses`, see :meth:`_marginal_chunk`); otherwise the
+        coarse-to-fine search keeps the best pose of the best classes.
+        """
         t0 = time.perf_counter()
         cfg = self.config
         k = cfg.n_classes
-        band = self.space.align_band
+        marginal = online and self.marginalise_poses
+        space, align_grid, align_phases = self.search_band()
         weight = self._weight()
-        w_align = weight * band
+        w_align = weight * space.align_band
         log_prior = torch.log(self.prior.clamp(min=1e-12))
-        chunk = self._chunk(pool)
+        chunk = self._chunk(pool, space, marginal)
         n = len(indices)
-        # contributions of every particle, filled chunk by chunk (allocated once: small
-        # long-lived tensors between the chunks' large temporaries fragment the heap)
-        m = self.space.n_refine
-        contrib_cls = torch.empty((n, m), dtype=torch.long)
-        contrib_rot = torch.empty((n, m), dtype=torch.long)
-        contrib_shift = torch.empty((n, m, 2))
-        contrib_w = torch.empty((n, m))
-        filled = 0
+        if marginal:
+            keep, keep_phases = self.marginal_band()
+            sink = _Buckets.create(k, space.n_coarse, int(keep.sum()), self.device)
+        else:
+            sink = _Contributions.create(n, space.n_refine)
         counts_soft = torch.zeros(k, device=self.device)
         ess_sum = torch.zeros(k, device=self.device)
         noise_sum = torch.zeros(self.grid.n_rings, device=self.device)
+        pmax_sum = 0.0
         t_search = t_table = 0.0
         # each half set is aligned against the other half's references (see class docs)
         half = pool.half[indices]
@@ -253,82 +457,57 @@ class Class2DModel:
             if not len(members):
                 continue
             tt = time.perf_counter()
-            table = rotated_coefficients(
-                search_refs[h], self.space.fine_angles_deg, self.align_grid
-            )
-            tables = SearchTables.build(table, self.space, self.align_phases)
+            table = rotated_coefficients(search_refs[h], space.fine_angles_deg, align_grid)
+            tables = SearchTables.build(table, space, align_phases)
             t_table += time.perf_counter() - tt
             for s in range(0, len(members), chunk):
                 idx = members[s : s + chunk]
-                x, ctf_vals, _ = pool.get(idx, self.device)
+                x, ctf_vals, params = pool.get(idx, self.device)
                 ctf = self._model_ctf(ctf_vals)
                 ts = time.perf_counter()
-                res = search(
-                    x,
-                    ctf,
-                    w_align,
-                    tables,
-                    self.space,
-                    self.grid,
-                    cfg.force_max_over_poses,
-                    annealing,
-                    self.align_phases,
-                )
+                step = self._marginal_chunk if marginal else self._best_pose_chunk
+                out = step(x, ctf, w_align, tables, space, align_phases, annealing, log_prior)
                 t_search += time.perf_counter() - ts
-                logp = log_prior + res.class_loglik / annealing
-                gamma = torch.softmax(logp, 1)  # (B, K)
-                best = gamma.argmax(1)
-                ess_class = 1.0 / (gamma**2).sum(1)
+                ess_class = 1.0 / (out.gamma**2).sum(1)
+                ess_sum.index_add_(0, out.best, ess_class)
                 if hard:
-                    gamma = torch.nn.functional.one_hot(best, k).float()
-                # posterior of the refined classes only (others are negligible by construction)
-                g_top = gamma.gather(1, res.classes)
-                g_top = torch.where(g_top >= MIN_WEIGHT * g_top[:, :1], g_top, 0.0)
-                g_top = g_top / g_top.sum(1, keepdim=True).clamp(min=1e-30)
-                counts_soft += gamma.sum(0)
-                ess_sum.index_add_(0, best, ess_class)
-                rows = slice(filled, filled + len(idx))
-                filled += len(idx)
-                contrib_cls[rows] = res.classes.cpu()
-                contrib_rot[rows] = res.rotation.cpu()
-                contrib_shift[rows] = res.shift.cpu()
-                contrib_w[rows] = g_top.cpu()
-                # per-particle outputs at the best class (the first refined class may differ)
-                pos = (res.classes == best[:, None]).float().argmax(1)
-                rot_b = res.rotation.gather(1, pos[:, None])[:, 0]
-                sh_b = res.shift.gather(1, pos[:, None, None].expand(-1, 1, 2))[:, 0]
-                ps = res.pose_scores.gather(
-                    1, pos[:, None, None].expand(-1, 1, res.pose_scores.shape[-1])
-                )[:, 0]
-                p_pose = torch.softmax(ps / annealing, -1)
+                    out.gamma = torch.nn.functional.one_hot(out.best, k).float()
+                if marginal:
+                    y, wc2 = self._data_terms(x[:, keep], ctf_vals[:, keep], keep)
+                    sink.add(h, out, y, wc2, keep_phases)
+                else:
+                    sink.add(out, space)
+                counts_soft += out.gamma.sum(0)
+                pmax_sum += float(out.max_prob.sum())
                 const = -(w_align * x.abs() ** 2).sum(1)
                 sel = np.asarray(idx)
-                assignments.best_class[sel] = best.cpu().numpy()
-                assignments.psi_deg[sel] = self.space.fine_angles_deg[rot_b].cpu().numpy()
-                assignments.shift_px[sel] = sh_b.cpu().numpy()
-                assignments.max_prob[sel] = (
-                    (gamma.max(1).values * p_pose.max(-1).values).cpu().numpy()
-                )
-                assignments.ess_pose[sel] = (1.0 / (p_pose**2).sum(-1)).cpu().numpy()
+                assignments.best_class[sel] = out.best.cpu().numpy()
+                assignments.psi_deg[sel] = space.fine_angles_deg[out.rotation].cpu().numpy()
+                assignments.shift_px[sel] = out.shift.cpu().numpy()
+                assignments.max_prob[sel] = out.max_prob.cpu().numpy()
+                assignments.ess_pose[sel] = out.ess_pose.cpu().numpy()
                 assignments.ess_class[sel] = ess_class.cpu().numpy()
-                assignments.loglik[sel] = (
-                    (res.class_loglik.gather(1, best[:, None])[:, 0] + const).cpu().numpy()
-                )
+                assignments.loglik[sel] = (out.loglik + const).cpu().numpy()
                 # noise: residual power at the best class and pose
-                tmpl = table.reshape(k * self.space.n_fine, -1)[best * self.space.n_fine + rot_b]
-                model = ctf[:, band] * tmpl * self.align_phases(sh_b).conj()
-                noise_sum += self.align_grid.ring_average((x[:, band] - model).abs() ** 2).sum(0)
+                band = space.align_band
+                tmpl = table.reshape(k * space.n_fine, -1)[out.best * space.n_fine + out.rotation]
+                model = ctf[:, band] * tmpl * align_phases(out.shift).conj()
+                noise_sum += align_grid.ring_average((x[:, band] - model).abs() ** 2).sum(0)
             del table, tables
         t_e = time.perf_counter() - t0
         counts_hard = np.bincount(assignments.best_class[indices], minlength=k)
-        num, den = self._accumulate(
-            pool, order, contrib_cls, contrib_rot, contrib_shift, contrib_w
-        )
+        if marginal:
+            num, den = sink.class_frame(space, self.grid, keep, cfg.ctf_correction)
+            # RELION's ave_Pmax: once most particles have a clear pose, keep the best one
+            if pmax_sum / n >= SHARP_POSTERIOR:
+                self.marginalise_poses = False
+        else:
+            num, den = self._accumulate(pool, order, *sink.tensors())
         eta = step_size
         self.num = (1 - eta) * self.num + eta * num
         self.den = (1 - eta) * self.den + eta * den
         # rings outside the alignment band keep their estimate
-        in_band = torch.bincount(self.align_grid.ring, minlength=self.grid.n_rings) > 0
+        in_band = torch.bincount(align_grid.ring, minlength=self.grid.n_rings) > 0
         batch_noise = torch.where(in_band, noise_sum / n, self.noise)
         if cfg.white_noise:
             batch_noise = torch.full_like(batch_noise, float((batch_noise[self.grid.ring]).mean()))
@@ -341,12 +520,14 @@ class Class2DModel:
         self._update_references()
         self.n_updates += 1
         t_m = time.perf_counter() - t0 - t_e
+        coarse = k * space.n_coarse * space.coarse_shifts.shape[0]
         evals = n * (
-            k * self.space.n_coarse * self.space.coarse_shifts.shape[0]
+            coarse
+            if marginal
+            else coarse
             # pose band: P coarse poses, J rotations, 9 shifts; then the full band once
-            + self.space.n_candidates
-            * (self.space.n_coarse_poses + self.space.refine_offsets.numel() + 9 + 1)
-            + self.space.n_refine * (9 + 4)  # polish: 0.5-px shifts, ±2 fine rotations
+            + space.n_candidates * (space.n_coarse_poses + space.refine_offsets.numel() + 9 + 1)
+            + space.n_refine * (9 + 4)  # polish: 0.5-px shifts, ±2 fine rotations
         )
         eca = (ess_sum / torch.as_tensor(counts_hard, device=self.device).clamp(min=1)).cpu()
         return IterationStats(
@@ -361,8 +542,78 @@ class Class2DModel:
                 "e_step_s": t_e,
                 "m_step_s": t_m,
                 "evaluations_per_s": evals / max(t_search, 1e-9),
+                "marginalised_poses": float(marginal),
+                "mean_max_probability": pmax_sum / max(n, 1),
+                "search_radius": float(min(self.current_radius, self._max_align_radius)),
             },
         )
+
+    def _best_pose_chunk(
+        self, x, ctf, w_align, tables, space, phases, annealing, log_prior
+    ) -> _ChunkResult:
+        """Coarse-to-fine search (:func:`search`): the best pose of the best classes."""
+        res = search(
+            x,
+            ctf,
+            w_align,
+            tables,
+            space,
+            self.grid,
+            self.config.force_max_over_poses,
+            annealing,
+            phases,
+        )
+        gamma = torch.softmax(log_prior + res.class_loglik / annealing, 1)  # (B, K)
+        best = gamma.argmax(1)
+        # per-particle outputs at the best class (the first refined class may differ)
+        pos = (res.classes == best[:, None]).float().argmax(1)
+        ps = res.pose_scores.gather(
+            1, pos[:, None, None].expand(-1, 1, res.pose_scores.shape[-1])
+        )[:, 0]
+        p_pose = torch.softmax(ps / annealing, -1)
+        return _ChunkResult(
+            gamma=gamma,
+            best=best,
+            rotation=res.rotation.gather(1, pos[:, None])[:, 0],
+            shift=res.shift.gather(1, pos[:, None, None].expand(-1, 1, 2))[:, 0],
+            max_prob=gamma.max(1).values * p_pose.max(-1).values,
+            ess_pose=1.0 / (p_pose**2).sum(-1),
+            loglik=res.class_loglik.gather(1, best[:, None])[:, 0],
+            search=res,
+        )
+
+    def _marginal_chunk(
+        self, x, ctf, w_align, tables, space, phases, annealing, log_prior
+    ) -> _ChunkResult:
+        """Coarse pass with in-plane rotations marginalised (:func:`marginal_search`)."""
+        res = marginal_search(x, ctf, w_align, tables, space, annealing)
+        gamma = torch.softmax(log_prior + res.class_loglik / annealing, 1)
+        best = gamma.argmax(1)
+        post = res.rotation_posterior.gather(
+            1, best[:, None, None].expand(-1, 1, res.rotation_posterior.shape[-1])
+        )[:, 0]
+        return _ChunkResult(
+            gamma=gamma,
+            best=best,
+            rotation=res.rotation.gather(1, best[:, None])[:, 0],
+            shift=res.shift.gather(1, best[:, None, None].expand(-1, 1, 2))[:, 0],
+            max_prob=gamma.max(1).values * post.max(-1).values,
+            ess_pose=1.0 / (post**2).sum(-1),
+            loglik=res.class_loglik.gather(1, best[:, None])[:, 0],
+            search=res,
+        )
+
+    def _data_terms(
+        self, x: torch.Tensor, ctf_vals: torch.Tensor, keep: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk's M-step terms in the particle frame on the frequencies ``keep``:
+        ``w·CTF·X`` and ``w·CTF²`` (``|CTF|`` for phase flipping, 1 without CTF correction)."""
+        weight = self._weight()[keep]
+        mode = self.config.ctf_correction
+        if mode == "off":
+            return weight * x, weight.expand(x.shape[0], -1)
+        c2 = ctf_vals * ctf_vals if mode == "full" else ctf_vals.abs()
+        return weight * ctf_vals * x, weight * c2
 
     # -- M-step ------------------------------------------------------------------------
     def _accumulate(
@@ -370,13 +621,13 @@ class Class2DModel:
         pool: ParticlePool,
         indices: np.ndarray,
         classes: torch.Tensor,
-        rotations: torch.Tensor,
+        angles_deg: torch.Tensor,
         shifts: torch.Tensor,
         weights: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sufficient statistics of the given contributions, per half set.
 
-        ``classes, rotations, weights``: ``(n, N)``; ``shifts``: ``(n, N, 2)`` px.
+        ``classes, angles_deg, weights``: ``(n, N)``; ``shifts``: ``(n, N, 2)`` px.
         Only contributions with a positive weight are back-rotated.
         """
         k, g = self.config.n_classes, self.grid
@@ -394,7 +645,7 @@ class Class2DModel:
             pidx = indices[r.numpy()]
             x, ctf_vals, params = pool.get(pidx, self.device)
             kk = classes[r, c].to(self.device)
-            angle = self.space.fine_angles_deg[rotations[r, c].to(self.device)]
+            angle = angles_deg[r, c].to(self.device)
             w = weights[r, c].to(self.device)
             sh = shifts[r, c].to(self.device)
             data_ctf = torch.ones_like(ctf_vals) if mode == "off" else ctf_vals
@@ -428,6 +679,7 @@ class Class2DModel:
             return
         best = assignments.best_class[indices]
         counts = np.bincount(best, minlength=k).astype(float)
+        counts[empty] = 0  # an emptied class is never a donor
         for e in empty:  # loop over emptied classes (a handful), not particles
             donor = int(np.argmax(counts))
             members = indices[best == donor]
@@ -435,18 +687,19 @@ class Class2DModel:
                 return
             ll = assignments.loglik[members]
             worse = members[ll <= np.median(ll)]
-            rot = np.round(assignments.psi_deg[worse] / (360.0 / self.space.n_fine)).astype(int)
             num, den = self._accumulate(
                 pool,
                 worse,
                 torch.full((len(worse), 1), e),
-                torch.from_numpy(rot % self.space.n_fine)[:, None],
+                torch.from_numpy(assignments.psi_deg[worse]).float()[:, None],
                 torch.from_numpy(assignments.shift_px[worse]).float()[:, None, :],
                 torch.ones((len(worse), 1)),
             )
             scale = float(self.den[:, donor].sum() / den[:, e].sum().clamp(min=1e-30)) / 2
             self.num[:, e] = num[:, e] * scale
             self.den[:, e] = den[:, e] * scale
+            # the new class's signal prior starts from its donor's average
+            self.references[e] = self.references[donor]
             self.prior[e] = self.prior[donor] = float(self.prior[donor]) / 2
             counts[donor] /= 2
             best = np.where(np.isin(indices, worse), e, best)
@@ -468,13 +721,13 @@ class Class2DModel:
         if self.n_updates < CROSS_HALF_START:
             return self.references[None].expand(2, -1, -1, -1)
         g, k = self.grid, self.config.n_classes
-        avg, inv_tau2 = half_set_wiener(self.num, self.den, g, self.config.regularisation_factor)
+        avg, inv_tau2 = regularised_average(self.num, self.den, self.tau2, g)
         images = g.inverse(avg) * self.mask
         if self.config.clamp_solvent:
             images = clamp_solvent(
                 self.num.reshape(2 * k, -1),
                 self.den.reshape(2 * k, -1),
-                inv_tau2.reshape(2 * k, -1),
+                inv_tau2.expand(2, -1, -1).reshape(2 * k, -1),
                 self.support,
                 g,
                 images.reshape(2 * k, g.box, g.box),
@@ -482,10 +735,20 @@ class Class2DModel:
         return images.flip(0)
 
     def _update_references(self) -> None:
-        """Wiener averages, mask or clamp-solvent, re-centring, FRC resolution."""
+        """Regularised averages, mask or clamp-solvent, re-centring, FRC resolution, and
+        the search radius for the next iteration.
+
+        The signal prior comes from the previous averages (:func:`signal_prior`), so a
+        class gains resolution only as far as its data support it; the next E-step
+        searches up to where the best class's spectral SNR still reaches 1, plus
+        ``resolution_increment_px`` shells (RELION's current image size).
+        """
         cfg, g = self.config, self.grid
         total_den = self.den.sum(0)
-        avg, inv_tau2, frc = wiener(self.num, self.den, g, cfg.regularisation_factor)
+        tau2, frc = signal_prior(
+            self.num, self.den, g, cfg.regularisation_factor, class_power(self.references, g)
+        )
+        avg, inv_tau2 = regularised_average(self.num.sum(0), total_den, tau2, g)
 
         def masked_images(avg: torch.Tensor) -> torch.Tensor:
             images = g.inverse(avg) * self.mask
@@ -504,8 +767,16 @@ class Class2DModel:
                 self.num = self.num * phase[None]
                 images = masked_images(avg * phase)
         self.frc = frc
+        self.tau2 = tau2
         self.resolution = resolution_from_frc(frc, g, self.pixel_size_A)
         self.references = images
+        populated = self.prior > EMPTY_FRACTION / cfg.n_classes
+        self.current_radius = current_radius(
+            data_vs_prior(total_den, tau2, g),
+            populated,
+            cfg.resolution_increment_px,
+            self._max_align_radius,
+        )
 
     # -- reporting ---------------------------------------------------------------------
     def class_averages(self) -> np.ndarray:

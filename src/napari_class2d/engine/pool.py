@@ -67,7 +67,7 @@ class ParticlePool:
         c = np.arange(d0) - d0 // 2
         r = np.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
         self._background = torch.from_numpy(r > min(radius_px, 0.95 * d0 / 2))
-        self._window = soft_circle(d0, 0.85 * d0 / 2, 0.99 * d0 / 2)
+        self._window = particle_window(params)
         self._full_grid = FourierGrid.create(d0)
         # kept coefficients of the working box, located in the original box's list
         lookup = {
@@ -205,6 +205,23 @@ class ParticlePool:
     def chunk_size_for(self, bytes_per_particle: float, budget_GB: float) -> int:
         """Particles per chunk so that ``bytes_per_particle`` each fit the budget (GiB)."""
         return max(1, min(4096, int(budget_GB * 2**30 / max(bytes_per_particle, 1.0))))
+
+
+def particle_window(params: ResolvedParams) -> torch.Tensor:
+    """``(D, D)`` real-space window every particle is multiplied by before its transform.
+
+    A soft edge at the box border (0.85-0.99 of the box radius) keeps the transform
+    free of edge artefacts; with ``mask_particles_with_zeros`` the particle is also
+    multiplied by the soft circular mask of the class averages (inner to outer mask
+    diameter), so only what lies inside the particle's circle is aligned and averaged.
+    """
+    d0 = params.box
+    window = soft_circle(d0, 0.85 * d0 / 2, 0.99 * d0 / 2)
+    if params.mask_particles_with_zeros:
+        inner = 0.5 * params.mask_inner_diameter_A / params.pixel_size_A
+        outer = 0.5 * params.mask_outer_diameter_A / params.pixel_size_A
+        window = window * soft_circle(d0, inner, outer)
+    return window
 
 
 def working_grid(params: ResolvedParams) -> FourierGrid:

@@ -41,17 +41,31 @@ def rotated_ctf_weight(
     return c * c if mode == "full" else c.abs()
 
 
-def wiener(
-    num: torch.Tensor, den: torch.Tensor, grid: FourierGrid, regularisation: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Regularised class averages ``num / (den + 1/τ²)`` with τ² from the half-set FRC.
+def class_power(images: torch.Tensor, grid: FourierGrid) -> torch.Tensor:
+    """Ring-averaged power ``|Â|²`` of real images ``(..., D, D)`` -> ``(..., rings)``."""
+    return grid.ring_average(grid.forward(images).abs() ** 2)
 
-    The two half-set averages ``num_h / den_h`` give each class's FRC per ring; the
-    full set's spectral SNR is ``SSNR = FSC/(1 - FSC)`` with ``FSC = 2 FRC/(1 + FRC)``,
-    and ``τ² = T · SSNR · <1/den>`` (``<1/den>``: the noise variance of the
-    unregularised average), so the filter is the Wiener filter of the measured SNR.
-    Rescaling the noise model leaves the averages unchanged, so a noise estimate that
-    over-fits cannot leave noise in the averages.
+
+def signal_prior(
+    num: torch.Tensor,
+    den: torch.Tensor,
+    grid: FourierGrid,
+    regularisation: float,
+    power: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signal variance ``τ²`` per class and ring, and the half-set FRC.
+
+    Two estimates of each class's signal power, the smaller one is used:
+
+    * RELION's classification prior, ``T · P``: ``P`` is the ring power of the class's
+      current (masked) average. It shrinks every frequency at which the class has
+      shown no signal yet, and a frequency holding only noise decays from iteration to
+      iteration, so classes grow from smooth blobs instead of locking onto noise.
+    * The half-set estimate, ``T · SSNR · <1/den>`` with ``SSNR = FSC/(1 - FSC)`` and
+      ``FSC = 2 FRC/(1 + FRC)`` from the two half-set averages ``num_h / den_h``
+      (``<1/den>``: the noise variance of the unregularised average). Once the classes
+      are real it is the sharper estimate; while both halves are aligned to the same
+      noisy references it is biased upwards, which the first estimate caps.
 
     Parameters
     ----------
@@ -59,23 +73,57 @@ def wiener(
         ``(2, K, F)`` half-set statistics (complex, real).
     regularisation
         RELION's T: weight of the data against the prior.
+    power
+        ``(K, rings)`` ring power of the classes' current averages.
 
     Returns
     -------
     tuple
-        Full average ``(K, F)``, ``1/τ²`` per coefficient ``(K, F)`` and the half-set
-        FRC ``(K, rings)``.
+        ``τ²`` ``(K, rings)`` and the half-set FRC ``(K, rings)``.
     """
     eps = 1e-6 * den.mean().clamp(min=1e-30)
     frc = half_set_frc(num, den, grid)
-    total_num, total_den = num.sum(0), den.sum(0)
     r = frc.clamp(1e-4, 0.999)
     fsc = 2 * r / (1 + r)
     ssnr = fsc / (1 - fsc)
-    noise = grid.ring_average(1.0 / total_den.clamp(min=eps))
-    tau2 = (regularisation * ssnr * noise).clamp(min=1e-30)
+    noise = grid.ring_average(1.0 / den.sum(0).clamp(min=eps))
+    tau2 = regularisation * torch.minimum(ssnr * noise, power)
+    return tau2.clamp(min=1e-30), frc
+
+
+def regularised_average(
+    num: torch.Tensor, den: torch.Tensor, tau2: torch.Tensor, grid: FourierGrid
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num / (den + 1/τ²)`` and ``1/τ²`` per coefficient; ``τ²``: ``(..., rings)``."""
     inv_tau2 = (1.0 / tau2)[..., grid.ring]
-    return total_num / (total_den + inv_tau2), inv_tau2, frc
+    return num / (den + inv_tau2), inv_tau2
+
+
+def data_vs_prior(den: torch.Tensor, tau2: torch.Tensor, grid: FourierGrid) -> torch.Tensor:
+    """Spectral signal-to-noise ratio of each class average, ``<den> · τ²`` ``(K, rings)``.
+
+    Where it is below 1 the prior outweighs the data (RELION's ``data_vs_prior``).
+    """
+    return grid.ring_average(den) * tau2
+
+
+def current_radius(
+    dvp: torch.Tensor, populated: torch.Tensor, increment: float, max_radius: float
+) -> float:
+    """Search radius (cycles per box): the last ring before any populated class's
+    ``data_vs_prior`` drops below 1, plus ``increment`` shells, at most ``max_radius``.
+
+    ``dvp``: ``(K, rings)``; ``populated``: ``(K,)`` bool.
+    """
+    rings = torch.arange(dvp.shape[-1], device=dvp.device)
+    below = (dvp < 1.0) & (rings >= 1)
+    first = torch.where(
+        below.any(-1), below.float().argmax(-1), torch.full_like(rings[:1], dvp.shape[-1])
+    )
+    last_good = (first - 1).clamp(min=0)
+    if bool(populated.any()):
+        last_good = last_good[populated]
+    return float(min(max_radius, float(last_good.max()) + increment))
 
 
 def half_set_frc(num: torch.Tensor, den: torch.Tensor, grid: FourierGrid) -> torch.Tensor:
@@ -86,23 +134,6 @@ def half_set_frc(num: torch.Tensor, den: torch.Tensor, grid: FourierGrid) -> tor
     cross = grid.ring_average((a * b.conj()).real)
     norm = torch.sqrt(grid.ring_average(a.abs() ** 2) * grid.ring_average(b.abs() ** 2))
     return cross / norm.clamp(min=1e-30)
-
-
-def half_set_wiener(
-    num: torch.Tensor, den: torch.Tensor, grid: FourierGrid, regularisation: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each half set's own regularised averages ``num_h / (den_h + 1/τ²_h)``.
-
-    As :func:`wiener`, with the SNR of one half, ``SSNR_h = FRC/(1 - FRC)``, and the
-    noise of that half's average. Returns averages and ``1/τ²_h``, both ``(2, K, F)``.
-    """
-    eps = 1e-6 * den.mean().clamp(min=1e-30)
-    r = half_set_frc(num, den, grid).clamp(1e-4, 0.999)
-    ssnr = r / (1 - r)
-    noise = grid.ring_average(1.0 / den.clamp(min=eps))  # (2, K, rings)
-    tau2 = (regularisation * ssnr[None] * noise).clamp(min=1e-30)
-    inv_tau2 = (1.0 / tau2)[..., grid.ring]
-    return num / (den + inv_tau2), inv_tau2
 
 
 def clamp_solvent(

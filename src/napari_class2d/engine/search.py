@@ -296,6 +296,89 @@ class SearchTables:
         )
 
 
+def coarse_scores(
+    wx: torch.Tensor, wc2: torch.Tensor, tables: SearchTables, space: SearchSpace
+) -> torch.Tensor:
+    """Scores of every class at every coarse rotation and shift on the coarse band.
+
+    ``wx = w·CTF·X`` and ``wc2 = w·CTF²`` over the alignment band, ``(B, F_a)``.
+    One real matrix product ``(B·T, 2F_c) @ (2F_c, K·R_c)`` plus the shift-invariant
+    norm term. Returns ``(B, K, T, R_c)``.
+    """
+    b = wx.shape[0]
+    k = tables.table.shape[0]
+    cb = space.coarse_in_align
+    shifted = wx[:, None, cb] * tables.coarse_phases[None]  # (B, T, Fc)
+    n_t = shifted.shape[1]
+    s1 = (_real(shifted).reshape(b * n_t, -1) @ tables.coarse_real).reshape(
+        b, n_t, k, space.n_coarse
+    )
+    s1 = 2.0 * s1 - (wc2[:, cb] @ tables.coarse_power).reshape(b, 1, k, space.n_coarse)
+    return s1.permute(0, 2, 1, 3)
+
+
+@dataclass
+class MarginalResult:
+    """Per particle of a chunk: classes scored with their in-plane rotations marginalised.
+
+    Attributes
+    ----------
+    class_loglik
+        ``(B, K)``: ``u · log Σ_r exp(s_kr / u) - u · log R_c`` with ``s_kr`` the best
+        score over the coarse shifts at coarse rotation ``r`` and ``u`` the annealing
+        factor, i.e. the log-likelihood with a uniform prior over rotations.
+    rotation_posterior
+        ``(B, K, R_c)``: the rotation posterior within each class.
+    rotation
+        ``(B, K)`` fine rotation index of each class's best coarse pose.
+    shift
+        ``(B, K, 2)`` its shift in working pixels (x, y).
+    """
+
+    class_loglik: torch.Tensor
+    rotation_posterior: torch.Tensor
+    rotation: torch.Tensor
+    shift: torch.Tensor
+
+
+def marginal_search(
+    x: torch.Tensor,
+    ctf: torch.Tensor,
+    weight: torch.Tensor,
+    tables: SearchTables,
+    space: SearchSpace,
+    annealing: float,
+) -> MarginalResult:
+    """Score every class with its in-plane rotations marginalised (coarse grid).
+
+    The coarse pass of :func:`search` (every class, coarse rotations and shifts, the
+    coarse band); each rotation keeps its best shift and the class likelihood sums over
+    rotations. While the classes are smooth blobs a particle fits many rotations
+    almost equally; summing over them, instead of taking the best (often decided by
+    the particle's noise), keeps the classes from reproducing noise.
+
+    Parameters are those of :func:`search`.
+    """
+    band = space.align_band
+    wx = (x * ctf * weight)[:, band]
+    wc2 = (ctf * ctf * weight)[:, band]
+    s1 = coarse_scores(wx, wc2, tables, space)  # (B, K, T, Rc)
+    n_r = s1.shape[-1]
+    per_rot, t_best = s1.max(2)  # (B, K, Rc)
+    lse = torch.logsumexp(per_rot / annealing, -1)
+    class_loglik = annealing * (lse - torch.log(torch.tensor(float(n_r))))
+    post = torch.softmax(per_rot / annealing, -1)
+    r_best = per_rot.argmax(-1)  # (B, K)
+    t_of = t_best.gather(2, r_best[..., None])[..., 0]
+    del s1
+    return MarginalResult(
+        class_loglik=class_loglik,
+        rotation_posterior=post,
+        rotation=r_best * space.stride,
+        shift=space.coarse_shifts[t_of].float(),
+    )
+
+
 def search(
     x: torch.Tensor,
     ctf: torch.Tensor,
@@ -337,19 +420,14 @@ def search(
     band = space.align_band
     wx = (x * ctf * weight)[:, band]
     wc2 = (ctf * ctf * weight)[:, band]
-    cb = space.coarse_in_align
     dev = x.device
 
     # 1. coarse: every class, coarse rotations and shifts, one matrix product
-    shifted = wx[:, None, cb] * tables.coarse_phases[None]  # (B, T, Fc)
-    n_t = shifted.shape[1]
-    s1 = (_real(shifted).reshape(b * n_t, -1) @ tables.coarse_real).reshape(b, n_t, k, n_coarse)
-    s1 = 2.0 * s1 - (wc2[:, cb] @ tables.coarse_power).reshape(b, 1, k, n_coarse)
-    s1 = s1.permute(0, 2, 1, 3).reshape(b, k, n_t * n_coarse)
+    s1 = coarse_scores(wx, wc2, tables, space).reshape(b, k, -1)  # (B, K, T·Rc)
     n_p = min(space.n_coarse_poses, s1.shape[-1])
     top_s1, best = s1.topk(n_p, dim=-1)  # (B, K, P) best coarse poses of each class
     coarse_score = top_s1[..., 0]
-    del s1, shifted, top_s1
+    del s1, top_s1
 
     # 2. pose band, every candidate class: its P best coarse poses, then local
     #    refinement (fine rotations around the coarse one, 1-px shifts). Every
