@@ -255,7 +255,7 @@ class Class2DJob:
             apix = float(np.median(particles.pixel_size_A))
             params = self.config.resolve(particles.box, apix)
             for note in params.notes:
-                log.warning(note)
+                log.info(note)
             if self.config.ctf_correction != "off" and not particles.has_ctf:
                 where = particles.source_path or "the particles"
                 raise ConfigError(
