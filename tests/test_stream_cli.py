@@ -160,3 +160,27 @@ def test_ctrl_c_keeps_checkpoint_and_resume_does_not_reimport(tmp_path):
     assert rc == 0
     check_outputs(out, 200)
     assert BOX == 32
+
+
+def test_a_new_config_field_gets_a_flag_without_code(monkeypatch):
+    """Flags are generated from the dataclass: a field the engine adds is on the command line."""
+    import dataclasses
+
+    from napari_class2d.cli import _options
+
+    extended = dataclasses.make_dataclass(
+        "Class2DConfig",
+        [("noise_floor_A", float | None, dataclasses.field(default=None))],
+        bases=(Class2DConfig,),
+        frozen=True,
+    )
+    extended.__doc__ = Class2DConfig.__doc__.replace(
+        "    Attributes\n    ----------\n",
+        "    Attributes\n    ----------\n    noise_floor_A\n        A new parameter in Å.\n",
+    )
+    monkeypatch.setattr(_options, "Class2DConfig", extended)
+    from napari_class2d.cli import build_parser
+
+    args = build_parser().parse_args(["classify", "p.star", "--out", "o", "--noise-floor", "7"])
+    config = _options.config_from_args(args)
+    assert config.noise_floor_A == 7.0 and config.n_classes == Class2DConfig().n_classes
