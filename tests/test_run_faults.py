@@ -162,6 +162,7 @@ def test_no_room_for_the_cache_is_said_before_it_is_made(sim, tmp_path, capsys, 
     assert not list((tmp_path / "job").rglob("*.npy"))
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_up_keeps_the_last_checkpoint(sim, small_filesystem, capsys):
     """On a real file system that fills up during the job: a one-line error naming the
     folder and the size needed, the previous checkpoint intact, no temporary file left;
@@ -325,6 +326,7 @@ def test_outputs_are_readable_by_the_group(sim, tmp_path, capsys):
         assert stat.S_IMODE((tmp_path / "job" / name).stat().st_mode) == 0o644, name
 
 
+@pytest.mark.slow
 def test_streaming_leaves_no_temporary_folder(sim, tmp_path, capsys, monkeypatch):
     """The watcher used to parse STAR text through a scratch folder in the system's temporary
     folder, left behind when the job died; it now parses in memory."""

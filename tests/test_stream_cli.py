@@ -66,6 +66,7 @@ def check_outputs(out: Path, n_particles: int, n_classes: int = 3) -> None:
     assert (out / "checkpoint.pt").is_file()
 
 
+@pytest.mark.slow
 def test_stream_cli_end_to_end(tmp_path, capsys):
     watch, out = tmp_path / "watch", tmp_path / "out"
     watch.mkdir()
@@ -126,6 +127,7 @@ def test_stream_bad_option_is_a_clear_error(tmp_path, capsys):
     assert "n_classes" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
 def test_ctrl_c_keeps_checkpoint_and_resume_does_not_reimport(tmp_path):
     watch, out = tmp_path / "watch", tmp_path / "out"

@@ -85,6 +85,7 @@ def _images(table, folder):
     return out
 
 
+@pytest.mark.slow
 def test_batch_job_live_layers_selection_export(make_napari_viewer, qtbot, sim_star, tmp_path):
     viewer = make_napari_viewer()
     (layer,) = viewer.open(str(sim_star), plugin="napari-class2d")
@@ -162,6 +163,7 @@ def _gate_after_first_iteration(monkeypatch) -> threading.Event:
     return gate
 
 
+@pytest.mark.slow
 def test_stop_then_resume_from_checkpoint(
     make_napari_viewer, qtbot, sim_star, tmp_path, monkeypatch
 ):
@@ -203,6 +205,7 @@ def test_failure_is_reported_and_layers_kept(make_napari_viewer, qtbot, sim_star
     assert len(viewer.layers) == n_layers
 
 
+@pytest.mark.slow
 def test_streaming_widget_status_and_finish(make_napari_viewer, qtbot, sim_star, tmp_path):
     from napari_class2d.io.readers import read_particles
     from napari_class2d.io.writers import write_particle_star
