@@ -103,7 +103,8 @@ class DataclassForm(QWidget):
         self.advanced = widgets.Container(widgets=advanced_w)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.common.native)
+        if common_w:
+            layout.addWidget(self.common.native)
         self.collapsible = None
         if advanced_w:
             self.collapsible = QCollapsible(folded_title)

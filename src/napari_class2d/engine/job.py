@@ -128,7 +128,10 @@ class Class2DJob:
         try:
             self.device = resolve_device(config.device)
         except (ValueError, RuntimeError) as err:
-            raise ConfigError(f"device={config.device!r}: {err}") from None
+            text = str(err)
+            raise ConfigError(
+                text if text.startswith("device=") else f"device={config.device!r}: {text}"
+            ) from None
         self._stop = threading.Event()
         self._finish = threading.Event()
         if not self.streaming:

@@ -9,7 +9,6 @@ the complete particles that appear in a folder or a growing STAR file.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -146,11 +145,3 @@ def as_source(particles_or_source) -> ParticleSource:
         f"expected a ParticleSet or a particle source (poll/state/restore), "
         f"got {type(particles_or_source).__name__}"
     )
-
-
-def source_path(source: ParticleSource) -> Path | None:
-    """The file or folder a source reads (for messages)."""
-    if isinstance(source, StaticSource):
-        return source.particles.source_path
-    path = getattr(source, "path", None)
-    return Path(path) if path is not None else None
