@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from napari_class2d.engine.config import Class2DConfig
     from napari_class2d.engine.job import Class2DJob
     from napari_class2d.engine.model import ParticleAssignments
-    from napari_class2d.io.particles import ParticleSet
+    from napari_class2d.io.readers import read_particles
     from napari_class2d.io.starwriter import write_star_file
     from napari_class2d.sim.oracle import oracle_classification
     from napari_class2d.sim.score import score_classification
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     refs = torch.from_numpy(mrcfile.read(oracle["classes"]).astype(np.float32))
     k = refs.shape[0]
 
-    particles = ParticleSet.from_file(sim / "particles.star")
+    particles = read_particles(sim / "particles.star")
     config = Class2DConfig(
         n_classes=k,
         max_res_A=max(6.0, math.ceil(20 * apix) / 10),

@@ -3,7 +3,7 @@
 Default set (as in the project brief): 6000 particles, 14 views of which 3 hold
 1 % each, 8 % junk, SNR 0.03, realistic CTF, box 96 at the map's pixel size.
 ``--hard``: SNR 0.01 and 20 % junk. The classifier runs through the engine API
-(``Class2DJob(ParticleSet.from_file(star), Class2DConfig(...))``) with the
+(``Class2DJob(read_particles(star), Class2DConfig(...))``) with the
 default schedule; the result is scored with
 :func:`napari_class2d.sim.score.score_classification`.
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from napari_class2d.engine.config import Class2DConfig
     from napari_class2d.engine.job import Class2DJob
-    from napari_class2d.io.particles import ParticleSet
+    from napari_class2d.io.readers import read_particles
     from napari_class2d.sim.score import score_classification
 
     truth = json.loads((sim_dir / "truth.json").read_text())
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     job_dir = out / "class2d"
     t0 = time.perf_counter()
-    particles = ParticleSet.from_file(sim_dir / "particles.star")
+    particles = read_particles(sim_dir / "particles.star")
     job = Class2DJob(particles, config, out_dir=job_dir, overwrite=True)
     iterations = []
     for snap in job.run():

@@ -216,13 +216,13 @@ def _run_ours_default(particles: Path, sim_dir: Path, out: Path, args, truth: di
     """Our default schedule (with ``--set`` overrides) on the same particles, scored."""
     from napari_class2d.engine.config import Class2DConfig
     from napari_class2d.engine.job import Class2DJob
-    from napari_class2d.io.particles import ParticleSet
+    from napari_class2d.io.readers import read_particles
     from napari_class2d.sim.score import score_classification
 
     settings = _our_settings(args, truth) | parse_overrides(args.set)
     t0 = time.perf_counter()
     job = Class2DJob(
-        ParticleSet.from_file(particles), Class2DConfig(**settings), out / "ours", overwrite=True
+        read_particles(particles), Class2DConfig(**settings), out / "ours", overwrite=True
     )
     job.run_to_end()
     wall = time.perf_counter() - t0
@@ -243,12 +243,12 @@ def _run_ours(particles: Path, out: Path, args, truth: dict) -> list[float] | No
         return None
     from napari_class2d.engine.config import Class2DConfig
     from napari_class2d.engine.job import Class2DJob
-    from napari_class2d.io.particles import ParticleSet
+    from napari_class2d.io.readers import read_particles
 
     config = Class2DConfig(
         **_our_settings(args, truth), n_online_em_iterations=0, n_final_full_iterations=args.iter
     )
-    job = Class2DJob(ParticleSet.from_file(particles), config, out / "ours", overwrite=True)
+    job = Class2DJob(read_particles(particles), config, out / "ours", overwrite=True)
     times, t0 = [], time.perf_counter()
     for snap in job.run():
         t1 = time.perf_counter()

@@ -57,11 +57,11 @@ def _run_scale(star: str, job_dir: str, settings: dict) -> dict:
 
     from napari_class2d.engine.config import Class2DConfig
     from napari_class2d.engine.job import Class2DJob
-    from napari_class2d.io.particles import ParticleSet
+    from napari_class2d.io.readers import read_particles
 
     t0 = time.perf_counter()
     with MemorySampler() as memory:
-        particles = ParticleSet.from_file(star)
+        particles = read_particles(star)
         t_read = time.perf_counter() - t0
         config = Class2DConfig(**settings).validate()
         job = Class2DJob(particles, config, out_dir=job_dir, overwrite=True)

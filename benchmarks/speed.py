@@ -89,9 +89,9 @@ def gemm_throughput(torch, device: str) -> dict:
 def engine_throughput(star: Path, n_classes: int, device: str, overrides: dict) -> dict:
     from napari_class2d.engine.config import Class2DConfig
     from napari_class2d.engine.job import Class2DJob
-    from napari_class2d.io.particles import ParticleSet
+    from napari_class2d.io.readers import read_particles
 
-    particles = ParticleSet.from_file(star)
+    particles = read_particles(star)
     settings = {
         "n_classes": n_classes,
         "max_res_A": 6.0,

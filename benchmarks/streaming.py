@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from napari_class2d.engine.config import Class2DConfig
     from napari_class2d.engine.job import Class2DJob
-    from napari_class2d.io.particles import ParticleSet
+    from napari_class2d.io.readers import read_particles
     from napari_class2d.sim.score import score_classification
 
     preset = MAPS[args.map]
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         particle_diameter_A=round(1.1 * truth["particle_diameter_A"]),
         seed=args.seed,
     ).validate()
-    particles = ParticleSet.from_file(sim_dir / "particles.star")
+    particles = read_particles(sim_dir / "particles.star")
 
     def score(job_dir: Path) -> dict:
         s = score_classification(sim_dir, job_dir / "run_data.star", job_dir / "run_classes.mrcs")

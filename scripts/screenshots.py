@@ -72,7 +72,7 @@ def main() -> int:
     job.output_dir.value = work / "job"
     for key, value in {
         "n_classes": 12,
-        "max_res_A": 8.0,
+        "max_res_A": "8",
         "n_online_em_iterations": 8,
         "batch_size_per_class": 20,
         "n_final_full_iterations": 1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import mrcfile
@@ -156,3 +157,16 @@ def cs_fields(n: int, stack: str, box: int = 16, psize: float = 1.25) -> dict[st
         "alignments2D/class": np.arange(n, dtype=np.uint32) % 3,
         "alignments2D/shift": rng.normal(size=(n, 2)).astype(np.float32),
     }
+
+
+def fill_up(folder: Path, leave_bytes: int = 0) -> Path:
+    """Write a file into ``folder`` until at most ``leave_bytes`` stay free; return it."""
+    filler = folder / "filler"
+    free = shutil.disk_usage(folder).free
+    with open(filler, "wb") as fh:
+        try:
+            fh.write(b"\0" * max(free - leave_bytes, 0))
+            fh.flush()
+        except OSError:
+            pass
+    return filler

@@ -150,6 +150,8 @@ def test_class_averages_are_written_at_the_particle_box(data, tmp_path):
 class ListSource:
     """A real stream source over in-memory particle sets (delivers one set per poll)."""
 
+    streaming = True
+
     def __init__(self, sets: list[ParticleSet]):
         self.sets = list(sets)
         self.taken = 0
@@ -165,6 +167,12 @@ class ListSource:
 
     def restore(self, state):
         self.taken = state["taken"]
+
+    def redelivered(self):
+        return self.sets[: self.taken]
+
+    def close(self):
+        pass
 
 
 def test_stream_with_everything_at_start_equals_batch(data):

@@ -112,6 +112,33 @@ def test_cs_pixel_size_fallback(tmp_path):
 def test_not_a_cs_file(tmp_path):
     bad = tmp_path / "bad.cs"
     bad.write_text("hello")
-    with pytest.raises(ParticleFileError, match="not a readable cryoSPARC") as err:
+    with pytest.raises(ParticleFileError, match="not a cryoSPARC .cs file") as err:
         read_particles(bad)
     assert err.value.path == bad
+
+
+def test_fractional_image_index_is_refused(tmp_path):
+    """Fault 11: ``blob/idx`` 1.5 is an error naming the row, not image 1."""
+    write_stack(tmp_path / "stack.mrcs", 4, 16)
+    fields = cs_fields(4, "stack.mrcs")
+    fields["blob/idx"] = np.array([0.0, 1.5, 2.0, 3.0])
+    cs = write_cs(tmp_path / "frac.cs", fields)
+    with pytest.raises(ParticleFileError, match="1.5 is not a whole number") as err:
+        read_particles(cs)
+    assert (err.value.row, err.value.column) == (1, "blob/idx")
+    fields["blob/idx"] = np.array([0.0, 1.0, 2.0, 3.0])  # whole numbers stored as floats: fine
+    assert read_particles(write_cs(tmp_path / "whole.cs", fields)).n_particles == 4
+
+
+def test_pickled_or_foreign_file_is_not_a_cs_file(tmp_path):
+    """Fault 11: a pickle or any other file is "not a cryoSPARC .cs file", without numpy's
+    hint to allow pickles (which would run code from the file)."""
+    pickled = tmp_path / "objects.cs"
+    with open(pickled, "wb") as fh:
+        np.save(fh, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    star = tmp_path / "particles.cs"
+    star.write_text("data_particles\nloop_\n_rlnImageName #1\n")
+    for path in (pickled, star):
+        with pytest.raises(ParticleFileError, match="not a cryoSPARC .cs file") as err:
+            read_particles(path)
+        assert "allow_pickle" not in str(err.value) and err.value.path == path

@@ -8,9 +8,10 @@ import pytest
 
 from io_fixtures import write_stack
 from napari_class2d.io.errors import ParticleFileError
-from napari_class2d.io.mrc import open_stack, read_mrcs_particles, read_stack_header
+from napari_class2d.io.mrc import open_stack, read_stack_header
 from napari_class2d.io.particles import ParticleSet
 from napari_class2d.io.readers import read_particles
+from napari_class2d.io.stack import read_mrcs_particles
 
 
 def test_open_stack_is_a_lazy_view_with_the_file_values(tmp_path):
@@ -165,3 +166,21 @@ def test_shared_maps_are_refused_as_particles(shared_data):
     for name in ("cryodrgn_hand-vol_synthetic.mrc", "cryojax_3j9g_potential_ps4_4_simulated.mrc"):
         with pytest.raises(ParticleFileError, match="3D map"):
             read_particles(shared_data / "maps" / name)
+
+
+def test_header_mode_disagreeing_with_the_file_size_is_refused(tmp_path):
+    """Fault 4: a stack whose header says int16 but that holds float32 pixels is refused,
+    naming the file and both sizes (it used to be read as garbage)."""
+    path = tmp_path / "liar.mrcs"
+    write_stack(path, 5, 16)  # float32: 1024 + 5 * 16 * 16 * 4 bytes
+    with mrcfile.open(path, mode="r+", permissive=True) as mrc:
+        mrc.header.mode = 1  # int16
+    size = path.stat().st_size
+    with pytest.raises(ParticleFileError, match="mode 1 \\(int16\\)") as err:
+        open_stack(path)
+    message = str(err.value)
+    assert str(path) in message
+    assert f"{1024 + 5 * 16 * 16 * 2} bytes" in message and f"{size} bytes" in message
+    assert "mode 2 (float32)" in message  # what the size fits
+    with pytest.raises(ParticleFileError, match="does not describe the data"):
+        read_particles(path, pixel_size_A=1.0)

@@ -392,3 +392,44 @@ def test_starfile_reads_what_the_fixtures_write(tmp_path):
     star, blocks, _ = make_relion31(tmp_path)
     back = starfile.read(star, always_dict=True)
     assert set(back) == {"optics", "particles"}
+
+
+def test_relion31_optics_without_defocus_columns_is_no_ctf(tmp_path):
+    """Fault 2: every RELION 3.1 optics table has voltage, Cs and amplitude contrast; without
+    defocus columns the particles simply have no CTF (they used to be refused)."""
+    write_stack(tmp_path / "stack.mrcs", 6, 16)
+    blocks = relion31_blocks(6)
+    blocks["particles"] = blocks["particles"].drop(
+        columns=["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]
+    )
+    assert {"rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"} <= set(
+        blocks["optics"].columns
+    )
+    ps = read_particles(write_star(tmp_path / "p.star", blocks))
+    assert not ps.has_ctf and ps.n_particles == 6
+    np.testing.assert_allclose(ps.pixel_size_A, 1.5)
+
+
+def test_a_repeated_column_is_a_clear_error(tmp_path):
+    """Fault 5: a STAR table naming one column twice is refused with the column's name."""
+    star, _, _ = make_relion31(tmp_path)
+    text = star.read_text().replace("_rlnMicrographName #4", "_rlnDefocusU #4")
+    star.write_text(text)
+    with pytest.raises(ParticleFileError, match="column rlnDefocusU appears twice") as err:
+        read_particles(star)
+    assert (err.value.path, err.value.column) == (star, "rlnDefocusU")
+
+
+def test_image_names_with_spaces_quoted_as_relion_writes_them(tmp_path):
+    """Fault 3 (reading): a quoted ``"000001@my stack.mrcs"`` names a stack with a space."""
+    images = write_stack(tmp_path / "my stack.mrcs", 4, 16)
+    blocks = relion31_blocks(4, stack="my stack.mrcs")
+    star = tmp_path / "p.star"
+    star.write_text(
+        "data_optics\nloop_\n_rlnOpticsGroup #1\n_rlnImagePixelSize #2\n_rlnImageSize #3\n"
+        "1 1.5 16\n\ndata_particles\nloop_\n_rlnImageName #1\n_rlnOpticsGroup #2\n"
+        + "".join(f'"{name}" 1\n' for name in blocks["particles"]["rlnImageName"])
+    )
+    ps = read_particles(star)
+    assert ps.metadata["rlnImageName"].iloc[0] == "000001@my stack.mrcs"
+    np.testing.assert_array_equal(ps.read_images([3, 0]), images[[3, 0]])

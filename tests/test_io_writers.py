@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
+
 import mrcfile
 import numpy as np
 import pandas as pd
@@ -10,6 +14,7 @@ import starfile
 
 from io_fixtures import (
     cs_fields,
+    fill_up,
     make_relion31,
     relion30_block,
     relion31_blocks,
@@ -17,9 +22,9 @@ from io_fixtures import (
     write_stack,
     write_star,
 )
-from napari_class2d.io.errors import ParticleFileError
+from napari_class2d.io.errors import DiskFullError, ParticleFileError
 from napari_class2d.io.model import read_class_averages, read_model_star
-from napari_class2d.io.particles import CTFParams, ParticleSet
+from napari_class2d.io.particles import CTFParams, ImageSource, ParticleSet
 from napari_class2d.io.readers import read_particles
 from napari_class2d.io.writers import (
     atomic_write,
@@ -386,3 +391,87 @@ def test_model_reader_errors(tmp_path, shared_data):
     with pytest.raises(ParticleFileError, match="not found") as err:
         read_class_averages(missing)
     assert err.value.row == 0 and err.value.column == "rlnReferenceImage"
+
+
+# -- faults found on real files --------------------------------------------------------
+
+
+def test_image_names_with_spaces_are_written_quoted_as_relion_does(tmp_path):
+    """Fault 3: stacks whose names hold spaces are written ``"000001@/x/my stack.mrcs"``
+    (writing used to fail after the whole job had computed)."""
+    images = write_stack(tmp_path / "my stack.mrcs", 3, 16)
+    ps = ParticleSet(
+        pd.DataFrame({"rlnImageName": [f"{i:06d}@my stack.mrcs" for i in (1, 2, 3)]}),
+        ImageSource([tmp_path / "my stack.mrcs"], np.zeros(3, np.int64), np.arange(3)),
+        1.5,
+        16,
+    )
+    out = write_particle_star(tmp_path / "out.star", ps)
+    text = out.read_text()
+    assert f'"000002@{tmp_path / "my stack.mrcs"}"' in text
+    back = starfile.read(out)["particles"]
+    assert list(back["rlnImageName"]) == [
+        f"{i:06d}@{tmp_path / 'my stack.mrcs'}" for i in (1, 2, 3)
+    ]
+    again = read_particles(out)
+    np.testing.assert_array_equal(again.read_images([2, 0]), images[[2, 0]])
+
+
+def test_a_value_a_star_file_cannot_hold_is_refused_before_writing(tmp_path):
+    ps = ParticleSet.from_array(np.zeros((2, 8, 8), np.float32), 1.0)
+    extra = {"rlnMicrographName": ['say "cheese".mrc', "b.mrc"]}
+    with pytest.raises(ValueError, match="double quote"):
+        write_particle_star(tmp_path / "out.star", ps, extra_columns=extra)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_are_readable_as_the_umask_allows(tmp_path):
+    """Fault 10: files are created 0666 less the umask (the temporary file used to make
+    them 0600, unreadable by the rest of a lab's group)."""
+    star, _, _ = make_relion31(tmp_path)
+    ps = read_particles(star)
+    old = os.umask(0o022)
+    try:
+        paths = [
+            write_particle_star(tmp_path / "a.star", ps),
+            write_class_averages(tmp_path / "a.mrcs", np.zeros((2, 8, 8)), 1.0),
+            atomic_write(tmp_path / "a.txt", lambda tmp: tmp.write_text("x")),
+        ]
+        os.umask(0o002)
+        paths.append(write_particle_star(tmp_path / "b.star", ps))
+    finally:
+        os.umask(old)
+    modes = [stat.S_IMODE(p.stat().st_mode) for p in paths]
+    assert modes == [0o644, 0o644, 0o644, 0o664]
+
+
+def test_a_full_disk_names_the_folder_and_keeps_the_old_file(tmp_path, small_filesystem):
+    """Fault 6: on a real, full file system a write fails with "no space left on FOLDER
+    (needed ...)", the file it would replace is intact and no temporary file is left."""
+    disk = small_filesystem(256 * 1024)
+    atomic_write(disk / "data.bin", lambda tmp: tmp.write_bytes(b"old" * 1000))
+    fill_up(disk)
+    payload = b"x" * 100_000
+    with pytest.raises(DiskFullError) as err:
+        atomic_write(
+            disk / "data.bin", lambda tmp: tmp.write_bytes(payload), True, size_hint=len(payload)
+        )
+    assert str(err.value).startswith(f"no space left on {disk} (needed 97.7 KiB")
+    assert err.value.errno == errno.ENOSPC
+    assert (disk / "data.bin").read_bytes() == b"old" * 1000
+    assert sorted(p.name for p in disk.iterdir()) == ["data.bin", "filler"]
+
+
+def test_a_full_disk_reported_by_any_writer(tmp_path, monkeypatch):
+    """Fault 6 without a small file system: the OS error of a full disk becomes the same
+    one-line error, and nothing is left behind."""
+    (tmp_path / "run_data.star").write_text("old " * 100)
+
+    def full(tmp):
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFullError, match=f"no space left on {tmp_path} \\(needed about 400"):
+        atomic_write(tmp_path / "run_data.star", full, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["run_data.star"]
+    assert (tmp_path / "run_data.star").read_text() == "old " * 100

@@ -23,10 +23,13 @@ import pytest
 import starfile
 
 RELION_PROGRAMS = ("relion_refine", "relion_star_handler")
-pytestmark = pytest.mark.skipif(
-    any(shutil.which(p) is None for p in RELION_PROGRAMS),
-    reason="RELION is not installed (Debian: apt-get install relion)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        any(shutil.which(p) is None for p in RELION_PROGRAMS),
+        reason="RELION is not installed (Debian: apt-get install relion)",
+    ),
+]
 
 APIX = 5.0
 DIAMETER_A = 180.0

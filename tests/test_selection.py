@@ -176,3 +176,34 @@ def test_real_relion_class2d_data_star(shared_data, tmp_path):
     assert set(back["particles"]["rlnClassNumber"]) == set(keep.tolist())
     # RELION 1.x per-particle optics moved into an optics table, origins in Å
     assert "rlnImagePixelSize" in back["optics"] and "rlnOriginXAngst" in back["particles"]
+
+
+def test_select_never_writes_over_the_result_itself(tmp_path, capsys):
+    """Fault 9: ``select --out RESULT/run_data.star`` is refused, even with --overwrite (it
+    would replace the classification with a subset of it)."""
+    make_result(tmp_path / "res", n_particles=50, n_classes=4)
+    own = tmp_path / "res" / "run_data.star"
+    before = own.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        rc = _cli([str(tmp_path / "res"), "--keep", "1", "--out", str(own), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and "classification result itself" in err and str(own) in err
+    classes = tmp_path / "res" / "run_classes.mrcs"
+    subset = tmp_path / "s.star"
+    rc = _cli([str(tmp_path / "res"), "--keep", "1", "--out", str(subset),
+               "--classes-out", str(classes), "--overwrite"])  # fmt: skip
+    assert rc == 2 and "classification result itself" in capsys.readouterr().err
+    assert own.read_bytes() == before and not subset.exists()
+
+
+def test_selecting_an_empty_class_warns(tmp_path, capsys):
+    """Fault 8: keeping a class that holds no particle is allowed but said."""
+    truth = make_result(tmp_path / "res", n_particles=50, n_classes=4)
+    data = starfile.read(tmp_path / "res" / "run_data.star", always_dict=True)
+    data["particles"].loc[data["particles"]["rlnClassNumber"] == 3, "rlnClassNumber"] = 1
+    starfile.write(data, tmp_path / "res" / "run_data.star", overwrite=True)
+    rc = _cli([str(tmp_path / "res"), "--keep", "2,3", "--out", str(tmp_path / "s.star")])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert "warning: class 3 holds no particles" in captured.err
+    assert f"wrote {int((truth['classes'] == 2).sum())} particles" in captured.out

@@ -134,6 +134,7 @@ def test_noise_level_matches_snr(tmp_path):
     assert var_in_disk == pytest.approx(2.0, rel=0.1)  # noise 1 + signal 1 at SNR 1
 
 
+@pytest.mark.slow
 def test_truth_pose_recovered_from_clean_particles(tmp_path):
     """Align each view's clean projection to noise-free particles: recorded psi and shift."""
     res = simulate_dataset(
@@ -232,6 +233,7 @@ def test_refuses_to_overwrite_and_bad_parameters(small_sim, tmp_path):
         simulate_dataset(tmp_path / "z", **{**SMALL, "junk_fraction": 0.97})
 
 
+@pytest.mark.slow
 def test_map_input_and_missing_voxel_size(shared_data, tmp_path):
     betagal = shared_data / "maps" / "relion_betagal_ref_model_100px_3.54A.mrc"
     res = simulate_dataset(

@@ -16,6 +16,8 @@ import pytest
 import starfile
 
 from napari_class2d.cli import main
+from napari_class2d.engine.config import Class2DConfig
+from napari_class2d.run.spec import SourceOptions, StreamOptions
 from test_stream_watcher import BOX, write_micrograph
 
 TINY = [
@@ -64,6 +66,7 @@ def check_outputs(out: Path, n_particles: int, n_classes: int = 3) -> None:
     assert (out / "checkpoint.pt").is_file()
 
 
+@pytest.mark.slow
 def test_stream_cli_end_to_end(tmp_path, capsys):
     watch, out = tmp_path / "watch", tmp_path / "out"
     watch.mkdir()
@@ -77,25 +80,33 @@ def test_stream_cli_end_to_end(tmp_path, capsys):
     lines = captured.out.splitlines()
     assert any("online" in line and "seen" in line for line in lines)
     assert any("no new particles for 2 s: finishing" in line for line in lines)
-    assert "done: 240 particles in 3 classes" in captured.out
+    assert "Done: 240 particles in 3 classes" in captured.out
     check_outputs(out, 240)
 
 
 def test_stream_options_reach_the_job_config(tmp_path):
     from napari_class2d.cli import build_parser
-    from napari_class2d.cli.stream import stream_config
+    from napari_class2d.cli.stream import spec_from_args
 
     args = build_parser().parse_args(
         ["stream", str(tmp_path), "--out", str(tmp_path / "o"), "--classes", "7",
          "--start-after", "123", "--full-every", "456", "--mode", "incremental",
-         "--full-pass-every", "3", "--max-res", "9", "--ctf", "flip"]
+         "--full-pass-every", "3", "--max-res", "9", "--ctf", "flip", "--pixel-size", "1.5",
+         "--project-dir", str(tmp_path), "--poll-seconds", "0.5", "--stable-seconds", "3",
+         "--finish-after-idle", "60", "--marginalize"]
     )  # fmt: skip
-    config = stream_config(args)
+    spec = spec_from_args(args)
+    config = spec.config
     assert (config.n_classes, config.max_res_A, config.ctf_correction) == (7, 9.0, "flip")
     assert config.warmup_particles == 123 and config.full_iteration_trigger == 456
     assert config.stream_mode == "incremental" and config.full_pass_every_n_updates == 3
-    default = stream_config(build_parser().parse_args(["stream", "d", "--out", "o"]))
-    assert default.stream_mode == "full" and default.start_after_n_particles is None
+    assert not config.force_max_over_poses
+    assert (spec.source.pixel_size_A, spec.source.project_dir) == (1.5, str(tmp_path))
+    assert (spec.stream.poll_seconds, spec.stream.stable_seconds) == (0.5, 3.0)
+    assert spec.stream.finish_after_idle_seconds == 60.0 and spec.streaming
+    default = spec_from_args(build_parser().parse_args(["stream", "d", "--out", "o"]))
+    assert default.config == Class2DConfig() and default.config.max_res_A is None
+    assert default.stream == StreamOptions() and default.source == SourceOptions()
 
 
 def test_stream_refuses_existing_outputs_without_resume(tmp_path, capsys):
@@ -116,6 +127,7 @@ def test_stream_bad_option_is_a_clear_error(tmp_path, capsys):
     assert "n_classes" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
 def test_ctrl_c_keeps_checkpoint_and_resume_does_not_reimport(tmp_path):
     watch, out = tmp_path / "watch", tmp_path / "out"
@@ -150,3 +162,27 @@ def test_ctrl_c_keeps_checkpoint_and_resume_does_not_reimport(tmp_path):
     assert rc == 0
     check_outputs(out, 200)
     assert BOX == 32
+
+
+def test_a_new_config_field_gets_a_flag_without_code(monkeypatch):
+    """Flags are generated from the dataclass: a field the engine adds is on the command line."""
+    import dataclasses
+
+    from napari_class2d.cli import _options
+
+    extended = dataclasses.make_dataclass(
+        "Class2DConfig",
+        [("noise_floor_A", float | None, dataclasses.field(default=None))],
+        bases=(Class2DConfig,),
+        frozen=True,
+    )
+    extended.__doc__ = Class2DConfig.__doc__.replace(
+        "    Attributes\n    ----------\n",
+        "    Attributes\n    ----------\n    noise_floor_A\n        A new parameter in Å.\n",
+    )
+    monkeypatch.setattr(_options, "Class2DConfig", extended)
+    from napari_class2d.cli import build_parser
+
+    args = build_parser().parse_args(["classify", "p.star", "--out", "o", "--noise-floor", "7"])
+    config = _options.config_from_args(args)
+    assert config.noise_floor_A == 7.0 and config.n_classes == Class2DConfig().n_classes

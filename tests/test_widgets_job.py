@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
 import pytest
 import starfile
 from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QApplication
 
-from napari_class2d._qt import live_layers
+from napari_class2d._qt import job_widget, live_layers
 from napari_class2d._qt.job_widget import PLOTS_NAME
 from napari_class2d._reader import META_PARTICLES
 
@@ -21,7 +23,7 @@ JOB = {
     "n_online_em_iterations": 3,
     "batch_size_per_class": 20,
     "n_final_full_iterations": 1,
-    "max_res_A": 8.0,
+    "max_res_A": "8",
 }
 
 
@@ -83,6 +85,7 @@ def _images(table, folder):
     return out
 
 
+@pytest.mark.slow
 def test_batch_job_live_layers_selection_export(make_napari_viewer, qtbot, sim_star, tmp_path):
     viewer = make_napari_viewer()
     (layer,) = viewer.open(str(sim_star), plugin="napari-class2d")
@@ -144,14 +147,36 @@ def test_batch_job_live_layers_selection_export(make_napari_viewer, qtbot, sim_s
     assert _images(back, tmp_path) == _images(expected_rows, tmp_path / "job")
 
 
-def test_stop_then_resume_from_checkpoint(make_napari_viewer, qtbot, sim_star, tmp_path):
+def _gate_after_first_iteration(monkeypatch) -> threading.Event:
+    """Hold the worker after its first iteration until the returned event is set: the user
+    presses Stop while the job is certainly still running (a tiny job may otherwise end
+    before the test's click)."""
+    gate = threading.Event()
+
+    def gated(runner):
+        for update in runner.run():
+            yield update
+            if update.snapshot is not None and update.snapshot.iteration == 1:
+                gate.wait(60)
+
+    monkeypatch.setattr(job_widget, "_run_job", gated)
+    return gate
+
+
+@pytest.mark.slow
+def test_stop_then_resume_from_checkpoint(
+    make_napari_viewer, qtbot, sim_star, tmp_path, monkeypatch
+):
     viewer = make_napari_viewer()
     w = _job_widget(viewer, n_online_em_iterations=5)
     w.set_input(str(sim_star))
     w.output_dir.value = tmp_path / "job"
+    gate = _gate_after_first_iteration(monkeypatch)
     run = w.start()
     qtbot.waitUntil(lambda: len(run.snapshots) >= 1, timeout=60_000)
     w.stop()
+    gate.set()
+    monkeypatch.undo()
     shown = w.live.n_updates
     qtbot.waitUntil(lambda: not w.running, timeout=60_000)
     assert w.live.n_updates == shown  # late yields of the stopped run are dropped
@@ -169,7 +194,7 @@ def test_stop_then_resume_from_checkpoint(make_napari_viewer, qtbot, sim_star, t
 
 def test_failure_is_reported_and_layers_kept(make_napari_viewer, qtbot, sim_star, tmp_path):
     viewer = make_napari_viewer()
-    w = _job_widget(viewer, max_res_A=2.0)  # finer than Nyquist (6 Å): refused by the job
+    w = _job_widget(viewer, max_res_A="2")  # finer than Nyquist (6 Å): refused by the job
     w.set_input(str(sim_star))
     w.output_dir.value = tmp_path / "job"
     n_layers = len(viewer.layers)
@@ -180,6 +205,7 @@ def test_failure_is_reported_and_layers_kept(make_napari_viewer, qtbot, sim_star
     assert len(viewer.layers) == n_layers
 
 
+@pytest.mark.slow
 def test_streaming_widget_status_and_finish(make_napari_viewer, qtbot, sim_star, tmp_path):
     from napari_class2d.io.readers import read_particles
     from napari_class2d.io.writers import write_particle_star
@@ -195,9 +221,45 @@ def test_streaming_widget_status_and_finish(make_napari_viewer, qtbot, sim_star,
     run = w.start()
     assert w.finish_button.isEnabled()
     qtbot.waitUntil(lambda: any(s.phase == "online" for s in run.snapshots), timeout=60_000)
-    assert "phase:" in w.status_label.text() and "seen 200" in w.status_label.text()
+    assert "online" in w.status_label.text() and "seen 200" in w.status_label.text()
     w.finish()
     qtbot.waitUntil(lambda: not w.running, timeout=120_000)
     assert run.snapshots[-1].phase == "full"
     assert (tmp_path / "job" / "run_data.star").is_file()
     assert len(starfile.read(tmp_path / "job" / "run_data.star")["particles"]) == 200
+
+
+def test_status_line_says_how_the_run_ended_before_it_stops_running(
+    make_napari_viewer, qtbot, sim_star, tmp_path
+):
+    """Fault 13: napari's progress bar processes events while an iteration is drawn, so the
+    worker's last updates and its end can arrive inside a draw. The widget used to report
+    "not running" (and write "Done") there, then draw the queued iterations over it: the
+    status line ended on "Iteration 4/4". Here the whole job ends during the first draw."""
+    viewer = make_napari_viewer()
+    w = _job_widget(viewer)
+    w.set_input(str(sim_star))
+    w.output_dir.value = tmp_path / "job"
+    draw = w.live.update
+    seen = []
+
+    def draw_while_the_job_ends(snap):
+        draw(snap)
+        if snap.iteration == 1:
+            deadline = time.monotonic() + 60
+            while run.runner.outcome == "running" and time.monotonic() < deadline:
+                QApplication.processEvents()  # as the progress bar does
+                time.sleep(0.01)
+            for _ in range(50):  # deliver the last updates and the end of the worker
+                QApplication.processEvents()
+                time.sleep(0.005)
+        seen.append((w.running, w.status_label.text()))
+
+    w.live.update = draw_while_the_job_ends
+    run = w.start()
+    qtbot.waitUntil(lambda: not w.running, timeout=120_000)
+    assert run.runner.outcome == "done" and [s.iteration for s in run.snapshots] == [1, 2, 3, 4]
+    assert w.status_label.text().startswith("Done: 300 particles in 4 classes")
+    # while any iteration was still being drawn, the widget said it was running
+    assert all(running for running, _ in seen), seen
+    assert w.live.n_updates == 4

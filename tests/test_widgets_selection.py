@@ -142,3 +142,40 @@ def test_sample_data_opens_simulated_particles(make_napari_viewer):
     # the job widget offers the sample as input
     w = _dock(viewer, "2D Classification")
     assert layer.name in w.layer_choice.choices
+
+
+def test_both_front_ends_offer_every_option(make_napari_viewer, tmp_path):
+    """The streaming widget sets what `napari-class2d stream` sets (pixel size, project
+    folder, poll / stable / broken-after seconds, finish after idle), from the same
+    dataclasses as the command's flags."""
+    import dataclasses
+
+    from napari_class2d.cli import build_parser
+    from napari_class2d.run.spec import SourceOptions, StreamOptions
+
+    viewer = make_napari_viewer()
+    w = _dock(viewer, "Streaming 2D Classification")
+    stream_parser = build_parser()._subparsers._group_actions[0].choices["stream"]
+    flags = {a.dest for a in stream_parser._actions}
+    for cls, form in (
+        (Class2DConfig, w.form),
+        (SourceOptions, w.source_form),
+        (StreamOptions, w.stream_form),
+    ):
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert names == set(form.fields), cls
+        assert names <= flags, names - flags
+    w.set_input(str(tmp_path))
+    w.output_dir.value = tmp_path / "out"
+    w.source_form.fields["pixel_size_A"].value = "1.25"
+    w.source_form.fields["project_dir"].value = tmp_path
+    w.stream_form.fields["poll_seconds"].value = 0.5
+    w.stream_form.fields["stable_seconds"].value = 3.0
+    w.stream_form.fields["finish_after_idle_seconds"].value = "600"
+    spec = w.spec()
+    assert spec.source == SourceOptions(1.25, str(tmp_path))
+    assert spec.stream == StreamOptions(0.5, 3.0, 60.0, 600.0)
+    assert spec.streaming and spec.out_path == tmp_path / "out"
+    batch = _dock(viewer, "2D Classification")
+    assert set(batch.source_form.fields) == {"pixel_size_A", "project_dir"}
+    assert batch.stream_form is None

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_class2d.io.readers import read_particles
+
 #: layer metadata keys the plugin's widgets look for
 META_SOURCE = "napari_class2d_source_path"
 META_PARTICLES = "napari_class2d_particles"
@@ -160,8 +162,6 @@ def read_particle_file(path) -> list[tuple]:
     The layer metadata carries the source path and the :class:`ParticleSet`
     (keys :data:`META_SOURCE`, :data:`META_PARTICLES`) for the plugin's widgets.
     """
-    from napari_class2d.io.readers import read_particles
-
     path = _single_path(path)
     particles = read_particles(path)
     data = particle_images_dask(particles)

@@ -17,7 +17,11 @@ import numpy as np
 import pandas as pd
 
 from napari_class2d.io.errors import ParticleFileError
+from napari_class2d.io.mrc import open_stack, read_stack_header
 from napari_class2d.io.particles import ParticleSet
+from napari_class2d.io.readers import read_particles
+from napari_class2d.io.starparse import read_star_blocks
+from napari_class2d.io.writers import write_class_averages, write_particle_star
 
 #: model.star columns that may hold a class's ECA (effective number of classes assigned)
 ECA_COLUMNS = ("rlnClassECA", "rlnEffectiveNumberOfClasses", "rlnClassEffectiveClassesAssigned")
@@ -99,6 +103,16 @@ class ClassificationResult:
         keep = _check_classes(keep_classes, self.n_classes)
         return np.isin(self.class_number, keep)
 
+    def empty_classes(self, keep_classes: Iterable[int]) -> np.ndarray:
+        """The classes of ``keep_classes`` (1-based) that hold no particle."""
+        keep = _check_classes(keep_classes, self.n_classes)
+        return keep[self.class_counts[keep - 1] == 0]
+
+    @property
+    def own_files(self) -> list[Path]:
+        """The files of the result itself (never written over by an export)."""
+        return [p for p in (self.data_star, self.model_star, self.classes_mrcs) if p is not None]
+
     def n_particles_in(self, keep_classes: Iterable[int]) -> int:
         """Particles in the classes ``keep_classes`` (1-based)."""
         keep = _check_classes(keep_classes, self.n_classes)
@@ -156,8 +170,6 @@ def find_result_files(result: str | Path) -> tuple[Path, Path | None, Path | Non
 
 # -- reading ----------------------------------------------------------------------------
 def _read_data_star(path: Path, project_dir=None) -> ParticleSet:
-    from napari_class2d.io.readers import read_particles
-
     particles = read_particles(path, project_dir=project_dir, check_stacks=False)
     if "rlnClassNumber" not in particles.metadata.columns:
         raise ParticleFileError(
@@ -169,25 +181,15 @@ def _read_data_star(path: Path, project_dir=None) -> ParticleSet:
 
 
 def _read_model_classes(path: Path) -> pd.DataFrame | None:
-    import starfile
-
-    try:
-        blocks = starfile.read(path, always_dict=True)
-    except Exception as err:
-        raise ParticleFileError(path, f"cannot parse model STAR file ({err})") from err
+    blocks = read_star_blocks(path)
     classes = blocks.get("model_classes")
     return classes.reset_index(drop=True) if isinstance(classes, pd.DataFrame) else None
 
 
 def _read_stack(path: Path) -> tuple[np.ndarray, float | None]:
-    import mrcfile
-
-    with mrcfile.open(path, mode="r", permissive=True) as mrc:
-        data = np.asarray(mrc.data, dtype=np.float32)
-        apix = float(mrc.voxel_size.x)
-    if data.ndim == 2:
-        data = data[None]
-    return data.copy(), (apix if apix > 0 else None)
+    apix = read_stack_header(path).voxel_size_A
+    data = np.array(open_stack(path), dtype=np.float32)
+    return data, (apix if apix > 0 else None)
 
 
 def load_result(result: str | Path, project_dir: str | Path | None = None) -> ClassificationResult:
@@ -274,9 +276,9 @@ def load_result(result: str | Path, project_dir: str | Path | None = None) -> Cl
 
 
 def _model_pixel_size(model_star: Path) -> float | None:
-    import starfile
-
-    general = starfile.read(model_star, always_dict=True).get("model_general")
+    general = read_star_blocks(model_star).get("model_general")
+    if isinstance(general, dict) and "rlnPixelSize" in general:
+        return float(general["rlnPixelSize"])
     if isinstance(general, pd.DataFrame) and "rlnPixelSize" in general:
         return float(general["rlnPixelSize"].iloc[0])
     return None
@@ -343,6 +345,13 @@ def export_selection(
     -------
     int
         Number of particles written to ``out_star``.
+
+    Raises
+    ------
+    ValueError
+        An output is one of the result's own files, or two outputs are the same file.
+    FileExistsError
+        An output exists and ``overwrite`` is false.
     """
     if not isinstance(result, ClassificationResult):
         result = load_result(result)
@@ -350,6 +359,13 @@ def export_selection(
     outputs = [Path(p) for p in (out_star, rejected_out, classes_out) if p is not None]
     if len({p.resolve() for p in outputs}) != len(outputs):
         raise ValueError("out_star, rejected_out and classes_out must be different files")
+    own = {p.resolve() for p in result.own_files}
+    for p in outputs:
+        if p.resolve() in own:
+            raise ValueError(
+                f"{p} is a file of the classification result itself; write the selection "
+                "to another file (the result is never replaced, even with --overwrite)"
+            )
     if not overwrite:
         for p in outputs:
             if p.exists():
@@ -368,12 +384,8 @@ def export_selection(
 
 
 def _write_particles(path: Path, result: ClassificationResult, mask: np.ndarray, overwrite):
-    from napari_class2d.io.writers import write_particle_star
-
     write_particle_star(path, result.particle_set, rows=np.nonzero(mask)[0], overwrite=overwrite)
 
 
 def _write_averages(path: Path, averages: np.ndarray, pixel_size_A, overwrite):
-    from napari_class2d.io.writers import write_class_averages
-
     write_class_averages(path, averages, pixel_size_A or 1.0, overwrite=overwrite)

@@ -1,23 +1,31 @@
-"""A parameter form built from :class:`Class2DConfig`'s fields and docstring.
+"""Forms built from the option dataclasses' fields and docstrings.
 
 No parameter is listed here by hand except which ones are shown up front:
 widget types follow the field types, labels follow the field names, tooltips
-come from the ``Attributes`` section of the class docstring.
+come from the ``Attributes`` section of the class docstring
+(:mod:`napari_class2d.run.fields`, which the command line's flags use too).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import re
-import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from magicgui import widgets
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 from superqt import QCollapsible
 
 from napari_class2d.engine.config import Class2DConfig, ConfigError
+from napari_class2d.run.fields import (
+    STREAMING_FIELDS,
+    attribute_docs,
+    choices,
+    field_kind,
+    field_label,
+    fields,
+    plain,
+)
+
+__all__ = ["COMMON_FIELDS", "ConfigForm", "DataclassForm", "attribute_docs", "field_label"]
 
 #: shown up front in both job widgets (the rest go to "Advanced")
 COMMON_FIELDS = (
@@ -31,63 +39,9 @@ COMMON_FIELDS = (
     "seed",
     "device",
 )
-#: only meaningful for streaming jobs (hidden in the batch widget)
-STREAMING_FIELDS = (
-    "start_after_n_particles",
-    "full_iteration_every_n_new",
-    "stream_mode",
-    "full_pass_every_n_updates",
-)
 STREAMING_COMMON = ("start_after_n_particles", "full_iteration_every_n_new")
 
 _INT_MAX = 10**9
-
-
-def attribute_docs(cls: type = Class2DConfig) -> dict[str, str]:
-    """Field name -> description, parsed from a numpy-style ``Attributes`` section."""
-    doc = inspect.cleandoc(cls.__doc__ or "")
-    lines = doc.splitlines()
-    try:
-        start = next(i for i, ln in enumerate(lines) if ln.strip() == "Attributes") + 2
-    except StopIteration:
-        return {}
-    out: dict[str, str] = {}
-    names: list[str] = []
-    text: list[str] = []
-
-    def flush():
-        for n in names:
-            out[n] = " ".join(text).strip()
-
-    for ln in lines[start:]:
-        if ln and not ln.startswith(" "):
-            if re.fullmatch(r"[A-Za-z_][\w, ]*", ln.strip()) is None:
-                break
-            flush()
-            names = [n.strip() for n in ln.split(",")]
-            text = []
-        elif ln.strip():
-            text.append(ln.strip())
-    flush()
-    return out
-
-
-def field_label(name: str) -> str:
-    """A readable label that keeps the parameter's name: ``max_res_A`` -> ``max res (Å)``."""
-    unit = ""
-    for suffix, u in (("_A", "Å"), ("_deg", "°"), ("_GB", "GiB")):
-        if name.endswith(suffix):
-            name, unit = name[: -len(suffix)], u
-    label = name.replace("_", " ")
-    return f"{label} ({unit})" if unit else label
-
-
-def _is_optional(tp) -> tuple[bool, type]:
-    args = typing.get_args(tp)
-    if type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return True, rest[0]
-    return False, tp
 
 
 def _device_choices() -> list[str]:
@@ -101,57 +55,75 @@ def _device_choices() -> list[str]:
     return choices
 
 
-class ConfigForm(QWidget):
-    """Widgets for every :class:`Class2DConfig` field; common ones up front.
+class DataclassForm(QWidget):
+    """One widget per field of a dataclass; ``common`` ones up front, the rest folded.
 
     Parameters
     ----------
-    streaming
-        Show the streaming-only parameters (hidden for batch jobs, where they do nothing).
+    cls
+        The dataclass (its instances must be creatable from keyword arguments).
+    skip
+        Fields not shown (their defaults are used).
+    common
+        Fields shown up front, in this order; ``None``: all of them.
     on_change
         Called with no argument whenever any value changes.
+    folded_title
+        Title of the collapsible section holding the other fields.
     """
 
-    def __init__(self, streaming: bool = False, on_change: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        cls: type,
+        *,
+        skip: Iterable[str] = (),
+        common: Iterable[str] | None = None,
+        on_change: Callable[[], None] | None = None,
+        folded_title: str = "Advanced parameters",
+    ):
         super().__init__()
-        self.streaming = streaming
+        self.cls = cls
         self._on_change = on_change
-        docs = attribute_docs()
-        hints = typing.get_type_hints(Class2DConfig)
-        defaults = Class2DConfig()
+        docs = attribute_docs(cls)
+        defaults = cls()
         self.fields: dict[str, widgets.Widget] = {}
         self._optional: set[str] = set()
-        common = list(COMMON_FIELDS) + (list(STREAMING_COMMON) if streaming else [])
+        self._folders: set[str] = set()
+        self._types = {f.name: tp for f, tp in fields(cls, skip)}
+        common = list(self._types) if common is None else list(common)
         common_w, advanced_w = [], []
-        for f in dataclasses.fields(Class2DConfig):
-            if f.name == "extra" or (f.name in STREAMING_FIELDS and not streaming):
-                continue
-            w = self._make_widget(f.name, hints[f.name], getattr(defaults, f.name))
-            w.tooltip = f"{docs.get(f.name, '')}\n[{f.name}]".strip()
+        for name, tp in self._types.items():
+            w = self._make_widget(name, tp, getattr(defaults, name))
+            w.tooltip = f"{plain(docs.get(name, ''))}\n[{name}]".strip()
             w.changed.connect(self._changed)
-            self.fields[f.name] = w
-            (common_w if f.name in common else advanced_w).append(w)
+            self.fields[name] = w
+            (common_w if name in common else advanced_w).append(w)
         common_w.sort(key=lambda w: common.index(w.name))
         self.common = widgets.Container(widgets=common_w)
         self.advanced = widgets.Container(widgets=advanced_w)
-        self.collapsible = QCollapsible("Advanced parameters")
-        self.collapsible.addWidget(self.advanced.native)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(self.common.native)
-        layout.addWidget(self.collapsible)
+        if common_w:
+            layout.addWidget(self.common.native)
+        self.collapsible = None
+        if advanced_w:
+            self.collapsible = QCollapsible(folded_title)
+            self.collapsible.addWidget(self.advanced.native)
+            layout.addWidget(self.collapsible)
 
     def _make_widget(self, name: str, tp, default) -> widgets.Widget:
-        optional, base = _is_optional(tp)
+        optional, base = field_kind(tp)
         label = field_label(name)
         if name == "device":
             return widgets.ComboBox(
                 name=name, label=label, choices=_device_choices(), value="auto"
             )
-        if typing.get_origin(base) is typing.Literal:
-            return widgets.ComboBox(
-                name=name, label=label, choices=list(typing.get_args(base)), value=default
-            )
+        allowed = choices(tp)
+        if allowed is not None:
+            return widgets.ComboBox(name=name, label=label, choices=allowed, value=default)
+        if name.endswith("_dir"):
+            self._folders.add(name)
+            return widgets.FileEdit(name=name, label=label, mode="d", value=default or "")
         if optional:
             self._optional.add(name)
             w = widgets.LineEdit(name=name, label=label, value="" if default is None else default)
@@ -173,23 +145,25 @@ class ConfigForm(QWidget):
 
     # -- values -------------------------------------------------------------------------
     def values(self) -> dict:
-        """The form's values as ``Class2DConfig`` keyword arguments.
+        """The form's values as keyword arguments of the dataclass.
 
         Raises
         ------
         ConfigError
             When an optional field holds text that is not a number.
         """
-        hints = typing.get_type_hints(Class2DConfig)
         out = {}
         for name, w in self.fields.items():
             v = w.value
-            if name in self._optional:
+            if name in self._folders:
+                text = str(v).strip() if v is not None else ""
+                v = None if text in ("", ".") else text
+            elif name in self._optional:
                 text = str(v).strip()
                 if text == "" or text.lower() in ("auto", "none"):
                     v = None
                 else:
-                    base = _is_optional(hints[name])[1]
+                    base = field_kind(self._types[name])[1]
                     try:
                         v = base(float(text)) if base is int else base(text)
                     except ValueError:
@@ -201,12 +175,54 @@ class ConfigForm(QWidget):
             out[name] = v
         return out
 
+    def value(self):
+        """The dataclass instance the form shows (validated when the class can validate).
+
+        Raises
+        ------
+        ConfigError
+            The reason, naming the field.
+        """
+        obj = self.cls(**self.values())
+        return obj.validate() if hasattr(obj, "validate") else obj
+
+    def set_value(self, obj) -> None:
+        """Show ``obj``'s values in the form."""
+        for name, w in self.fields.items():
+            v = getattr(obj, name)
+            if name in self._folders:
+                w.value = "" if v is None else v
+            elif name in self._optional:
+                w.value = "" if v is None else str(v)
+            else:
+                w.value = v
+
+
+class ConfigForm(DataclassForm):
+    """The classifier's parameters (:class:`Class2DConfig`); common ones up front.
+
+    Parameters
+    ----------
+    streaming
+        Show the streaming-only parameters (hidden for batch jobs, where they do nothing).
+    on_change
+        Called with no argument whenever any value changes.
+    """
+
+    def __init__(self, streaming: bool = False, on_change: Callable[[], None] | None = None):
+        self.streaming = streaming
+        common = list(COMMON_FIELDS) + (list(STREAMING_COMMON) if streaming else [])
+        super().__init__(
+            Class2DConfig,
+            skip=() if streaming else STREAMING_FIELDS,
+            common=common,
+            on_change=on_change,
+        )
+
     def config(self) -> Class2DConfig:
         """The validated config (raises :class:`ConfigError` with the reason)."""
-        return Class2DConfig(**self.values()).validate()
+        return self.value()
 
     def set_config(self, config: Class2DConfig) -> None:
         """Show ``config``'s values in the form."""
-        for name, w in self.fields.items():
-            v = getattr(config, name)
-            w.value = ("" if v is None else str(v)) if name in self._optional else v
+        self.set_value(config)

@@ -1,9 +1,12 @@
 """The "2D Classification" and "Streaming 2D Classification" dock widgets.
 
-A thin shell: the form builds a :class:`Class2DConfig`, Start runs a
-:class:`~napari_class2d.engine.job.Class2DJob` in a napari ``thread_worker``
-and every yielded :class:`IterationSnapshot` is drawn by the main thread.
-Each run carries an id; yields of a stopped or superseded run are dropped.
+A thin shell over the run layer (:mod:`napari_class2d.run`): the forms build a
+:class:`~napari_class2d.run.spec.JobSpec`, Start runs a
+:class:`~napari_class2d.run.runner.JobRunner` in a napari ``thread_worker`` and
+the main thread draws every :class:`~napari_class2d.run.runner.RunUpdate` it
+yields. Each run carries an id; yields of a stopped or superseded run are
+dropped, and a run counts as finished only once every update it yielded has
+been drawn (so the status line never lags behind ``running``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 from magicgui import widgets
 from napari.qt.threading import create_worker
 from napari.utils import progress
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
     QFileDialog,
     QHBoxLayout,
@@ -27,11 +30,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_class2d._qt.config_form import ConfigForm
+from napari_class2d._qt.config_form import ConfigForm, DataclassForm
 from napari_class2d._qt.live_layers import LiveLayers
 from napari_class2d._qt.plots_widget import ClassHistoryPlot
 from napari_class2d._reader import META_PARTICLES, META_SOURCE
 from napari_class2d.engine.config import ConfigError
+from napari_class2d.engine.job import CHECKPOINT
+from napari_class2d.run.runner import JobRunner
+from napari_class2d.run.spec import JobSpec, SourceOptions, StreamOptions
 
 NO_LAYER = "(file below)"
 PLOTS_NAME = "Class statistics"
@@ -42,48 +48,19 @@ class JobRun:
     """One start (or resume) of a job; shared by the widget and its worker thread."""
 
     run_id: int
-    job: object = None
-    stop_requested: bool = False
-    finish_requested: bool = False
+    runner: JobRunner
     snapshots: list = field(default_factory=list)
 
     def request_stop(self) -> None:
-        self.stop_requested = True
-        if self.job is not None:
-            self.job.request_stop()
+        self.runner.request_stop()
 
     def request_finish(self) -> None:
-        self.finish_requested = True
-        if self.job is not None:
-            self.job.request_finish()
+        self.runner.request_finish()
 
 
-def _run_job(run: JobRun, source_factory, config, out_dir, resume, overwrite):
-    """Worker generator (other thread): build the job, yield its snapshots.
-
-    Never touches napari or Qt.
-    """
-    from napari_class2d.engine.job import Class2DJob
-
-    source = source_factory()
-    job = Class2DJob(source, config, out_dir=out_dir, resume=resume, overwrite=overwrite)
-    run.job = job
-    if run.stop_requested:
-        job.request_stop()
-    if run.finish_requested:
-        job.request_finish()
-    yield from job.run()
-
-
-def stream_status(snapshot) -> str:
-    """The streaming status line: phase, particles seen / used / needed, next full iteration."""
-    parts = [f"phase: {snapshot.phase}", f"seen {snapshot.n_particles_seen:,}"]
-    parts.append(f"used {snapshot.n_particles_used:,}")
-    if snapshot.n_particles_needed:
-        parts.append(f"need {snapshot.n_particles_needed:,} more for warm-up")
-    if snapshot.next_full_at:
-        parts.append(f"next full iteration at {snapshot.next_full_at:,} seen")
-    return " · ".join(parts)
+def _run_job(runner: JobRunner):
+    """Worker generator (other thread): the runner's updates. Never touches napari or Qt."""
+    yield from runner.run()
 
 
 class Class2DJobWidget(QWidget):
@@ -104,12 +81,14 @@ class Class2DJobWidget(QWidget):
         self.streaming = streaming
         self.live = LiveLayers(viewer)
         self.plots: ClassHistoryPlot | None = None
-        self._run: JobRun | None = None
+        self._run: JobRun | None = None  # the run whose updates are drawn (None: stopped)
+        self._active: JobRun | None = None  # the run whose worker is alive
         self._run_counter = 0
         self._worker = None
         self._progress = None
         self._pending: list = []
         self._drawing = False
+        self._finished_pending: int | None = None  # a run that ended while drawing
         #: (start, end) perf_counter seconds of each snapshot drawn (GUI cost per iteration)
         self.draw_windows: list[tuple[float, float]] = []
         self.last_out_dir: Path | None = None
@@ -159,6 +138,22 @@ class Class2DJobWidget(QWidget):
         out_box = widgets.Container(widgets=[self.output_dir, self.overwrite])
         layout.addWidget(out_box.native)
         self.output_dir.changed.connect(self._revalidate)
+        self.overwrite.changed.connect(self._revalidate)
+
+        # -- how particles are read and (streaming) watched: the command line's options ----
+        self.source_form = DataclassForm(
+            SourceOptions,
+            common=(),
+            on_change=self._revalidate,
+            folded_title="Particle files: pixel size, project folder",
+        )
+        layout.addWidget(self.source_form)
+        self.stream_form = None
+        if streaming:
+            self.stream_form = DataclassForm(
+                StreamOptions, on_change=self._revalidate, folded_title="Watching"
+            )
+            layout.addWidget(self.stream_form)
 
         # -- parameters -------------------------------------------------------------------
         self.form = ConfigForm(streaming=streaming, on_change=self._revalidate)
@@ -237,38 +232,53 @@ class Class2DJobWidget(QWidget):
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
     def _input(self):
-        """``(description, factory)`` of the particle source; raises ValueError if unset."""
+        """``(description, input)`` of the job: a path, or the particles of a layer.
+
+        Raises
+        ------
+        ValueError
+            No input chosen, or it does not exist.
+        """
         if self.streaming:
             text = self.input_path.text().strip()
             if not text:
                 raise ValueError("choose a folder or STAR file to watch")
             path = Path(text)
-            if not path.exists():
+            if not path.exists() and not (path.suffix == ".star" and path.parent.is_dir()):
                 raise ValueError(f"{path}: does not exist")
-            out = self.output_dir.value
-
-            def watcher():
-                from napari_class2d.stream.watcher import FolderWatcher
-
-                # never import the job's own outputs when they sit inside the watched folder
-                exclude = [Path(out)] if out is not None and str(out) not in ("", ".") else []
-                return FolderWatcher(path, exclude=exclude)
-
-            return str(path), watcher
+            return str(path), path
         layer = self._selected_layer()
         if layer is not None:
             particles = layer.metadata.get(META_PARTICLES)
             source = layer.metadata[META_SOURCE]
-            if particles is not None:
-                return layer.name, lambda: particles
-            return layer.name, lambda: _read(source)
+            return layer.name, (particles if particles is not None else Path(source))
         value = self.input_file.value
         if value is None or str(value) in ("", "."):
             raise ValueError("choose a particle layer or a particles file")
         path = Path(value)
         if not path.is_file():
             raise ValueError(f"{path}: particles file not found")
-        return str(path), lambda: _read(path)
+        return str(path), path
+
+    def spec(self, resume: bool = False) -> JobSpec:
+        """The job the widget describes (the same object the command line builds).
+
+        Raises
+        ------
+        ConfigError, ValueError
+            The reason the job cannot start.
+        """
+        _, source = self._input()
+        return JobSpec(
+            config=self.form.config(),
+            input=source,
+            out_dir=self._out_dir(),
+            streaming=self.streaming,
+            source=self.source_form.value(),
+            stream=self.stream_form.value() if self.stream_form is not None else StreamOptions(),
+            resume=resume,
+            overwrite=bool(self.overwrite.value) and not resume,
+        ).validate()
 
     def _out_dir(self) -> Path:
         value = self.output_dir.value
@@ -280,21 +290,17 @@ class Class2DJobWidget(QWidget):
     def validation_error(self) -> str:
         """Why Start is refused ("" when the job can start)."""
         try:
-            config = self.form.config()
-        except ConfigError as err:
+            spec = self.spec()
+        except (ConfigError, ValueError) as err:
             return str(err)
-        try:
-            self._input()
-            out_dir = self._out_dir()
-        except ValueError as err:
-            return str(err)
+        out_dir = spec.out_path
         if out_dir.exists() and not out_dir.is_dir():
             return f"{out_dir}: output is not a folder"
         layer = self._selected_layer()
         particles = layer.metadata.get(META_PARTICLES) if layer is not None else None
         if particles is not None and len(particles):
             try:
-                config.resolve(particles.box, float(particles.pixel_size_A[0]))
+                spec.config.resolve(particles.box, float(particles.pixel_size_A[0]))
             except ConfigError as err:
                 return str(err)
         return ""
@@ -307,7 +313,7 @@ class Class2DJobWidget(QWidget):
         self.start_button.setEnabled(not running and not reason)
         has_ckpt = False
         try:
-            has_ckpt = (self._out_dir() / "checkpoint.pt").is_file()
+            has_ckpt = (self._out_dir() / CHECKPOINT).is_file()
         except ValueError:
             pass
         self.resume_button.setEnabled(not running and not reason and has_ckpt)
@@ -331,36 +337,27 @@ class Class2DJobWidget(QWidget):
         if reason:
             show_error(f"2D classification not started: {reason}")
             return None
-        config = self.form.config()
-        description, factory = self._input()
-        out_dir = self._out_dir()
+        spec = self.spec(resume)
+        description, _ = self._input()
         self._run_counter += 1
-        run = JobRun(self._run_counter)
-        self._run = run
-        self.last_out_dir = out_dir
+        run = JobRun(self._run_counter, JobRunner(spec))
+        self._run = self._active = run
+        self.last_out_dir = spec.out_path
         if self.plots is None:
             self.plots = ClassHistoryPlot()
             self.viewer.window.add_dock_widget(self.plots, name=PLOTS_NAME, area="bottom")
         if not resume:
             self.plots.clear()
+        config = spec.config
         total = config.n_online_em_iterations + config.n_final_full_iterations
         self._progress = progress(total=total, desc="2D classification")
-        worker = create_worker(
-            _run_job,
-            run,
-            factory,
-            config,
-            out_dir,
-            resume,
-            bool(self.overwrite.value) and not resume,
-            _ignore_errors=True,
-        )
-        worker.yielded.connect(lambda snap, rid=run.run_id: self._on_snapshot(rid, snap))
+        worker = create_worker(_run_job, run.runner, _ignore_errors=True)
+        worker.yielded.connect(lambda update, rid=run.run_id: self._on_update(rid, update))
         worker.errored.connect(lambda err, rid=run.run_id: self._on_error(rid, err))
         worker.finished.connect(lambda rid=run.run_id: self._on_finished(rid))
         self._worker = worker
         verb = "Resuming" if resume else "Starting"
-        self.status_label.setText(f"{verb} on {description} → {out_dir} …")
+        self.status_label.setText(f"{verb} on {description} → {spec.out_path} …")
         self._revalidate()
         worker.start()
         return run
@@ -371,8 +368,9 @@ class Class2DJobWidget(QWidget):
         if run is None or not self.running:
             return
         run.request_stop()
-        # drop this run's late yields: what is shown stays as it is now
+        # drop this run's late updates: what is shown stays as it is now
         self._run = None
+        self._pending.clear()
         self.status_label.setText("Stopping after the current iteration …")
 
     def finish(self) -> None:
@@ -384,35 +382,45 @@ class Class2DJobWidget(QWidget):
     def _current(self, run_id: int) -> bool:
         return self._run is not None and self._run.run_id == run_id
 
-    def _on_snapshot(self, run_id: int, snap) -> None:
+    def _on_update(self, run_id: int, update) -> None:
         if not self._current(run_id):
             return
-        self._run.snapshots.append(snap)
-        # Drawing may process events (napari's progress bar does), which can deliver
-        # the next snapshot inside this call: queue it so snapshots are drawn in order.
-        self._pending.append(snap)
+        if update.snapshot is not None:
+            self._run.snapshots.append(update.snapshot)
+        # Drawing may process events (napari's progress bar does), which can deliver the
+        # next update, or the end of the run, inside this call: queue updates so they are
+        # drawn in order, and end the run only once the queue is drawn.
+        self._pending.append((run_id, update))
         if self._drawing:
             return
         self._drawing = True
         try:
             while self._pending:
+                rid, next_update = self._pending.pop(0)
+                if not self._current(rid):
+                    continue
                 t0 = time.perf_counter()
-                self._draw(self._pending.pop(0))
+                self._draw(next_update)
                 self.draw_windows.append((t0, time.perf_counter()))
         finally:
             self._drawing = False
+        if self._finished_pending is not None:
+            rid, self._finished_pending = self._finished_pending, None
+            self._end_run(rid)
 
-    def _draw(self, snap) -> None:
+    def _draw(self, update) -> None:
+        snap = update.snapshot
+        for note in update.notes:
+            (show_warning if note.startswith("warning:") else show_info)(note)
+        if snap is None:
+            if not update.final:  # the final line is set when the run ends
+                self.status_label.setText(update.status)
+            return
         if snap.phase != "waiting" and snap.iteration > 0:
             self.live.update(snap)
             if self.plots is not None:
                 self.plots.add(snap)
-        text = f"Iteration {snap.iteration}/{snap.n_iterations_planned} ({snap.phase})"
-        if self.streaming:
-            text += "\n" + stream_status(snap)
-        if snap.message:
-            text += f"\n{snap.message}"
-        self.status_label.setText(text)
+        self.status_label.setText(update.status)
         if self._progress is not None and snap.iteration > self._progress.n:
             self._progress.total = max(snap.n_iterations_planned, snap.iteration)
             self._progress.update(snap.iteration - self._progress.n)
@@ -423,23 +431,34 @@ class Class2DJobWidget(QWidget):
         show_error(f"2D classification failed: {err}")
         self.status_label.setText(f"Failed: {err}")
         self._run = None
+        self._pending.clear()
 
     def _on_finished(self, run_id: int) -> None:
         if run_id != self._run_counter:
             return
-        was_current = self._run is not None
+        if self._drawing:  # updates of this run are still being drawn: end after them
+            self._finished_pending = run_id
+            return
+        self._end_run(run_id)
+
+    def _end_run(self, run_id: int) -> None:
+        """The run's worker is done and all its updates are drawn: say how it ended."""
+        if run_id != self._run_counter or self._worker is None:
+            return
+        run, was_current = self._active, self._run is not None
         self._worker = None
+        self._active = None
         if self._progress is not None:
             self._progress.close()
             self._progress = None
-        if was_current:
-            n = len(self._run.snapshots)
-            self.status_label.setText(f"Done: {n} iterations. Results in {self.last_out_dir}")
+        runner = run.runner if run is not None else None
+        if self.status_label.text().startswith("Failed"):
+            pass
+        elif runner is not None and runner.outcome == "done" and was_current:
+            self.status_label.setText(runner.final_status())
             show_info(f"2D classification done: results in {self.last_out_dir}")
-        elif not self.status_label.text().startswith("Failed"):
-            self.status_label.setText(
-                f"Stopped. Resume continues from {self.last_out_dir}/checkpoint.pt"
-            )
+        elif runner is not None:
+            self.status_label.setText(runner.final_status())
         self._run = None
         self._revalidate()
 
@@ -453,8 +472,8 @@ class Class2DJobWidget(QWidget):
         return widget
 
     def closeEvent(self, event):  # noqa: N802 - Qt API
-        if self._run is not None:
-            self._run.request_stop()
+        if self._active is not None:
+            self._active.request_stop()
         super().closeEvent(event)
 
 
@@ -463,9 +482,3 @@ class StreamingClass2DJobWidget(Class2DJobWidget):
 
     def __init__(self, napari_viewer):
         super().__init__(napari_viewer, streaming=True)
-
-
-def _read(path):
-    from napari_class2d.io.readers import read_particles
-
-    return read_particles(path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import (
@@ -341,5 +341,11 @@ class ClassSelectionWidget(QWidget):
             show_error(f"Export failed: {err}")
             return None
         show_info(f"Wrote {n:,} particles to {out_star}")
-        self.summary.setText(self.summary.text() + f"\nExported {n:,} particles → {out_star}")
+        text = self.summary.text() + f"\nExported {n:,} particles → {out_star}"
+        empty = self.result.empty_classes(self.kept_classes())
+        if len(empty):
+            warning = f"class(es) {', '.join(map(str, empty))} kept but hold no particles"
+            show_warning(warning)
+            text += f"\nWarning: {warning}"
+        self.summary.setText(text)
         return n

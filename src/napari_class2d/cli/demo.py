@@ -22,9 +22,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # imported here: torch and the simulator load slowly, and other commands need neither
+    from napari_class2d.cli._run import run_spec
     from napari_class2d.engine.config import Class2DConfig
-    from napari_class2d.engine.job import Class2DJob
-    from napari_class2d.io.readers import read_particles
+    from napari_class2d.run.spec import JobSpec
     from napari_class2d.sim.score import score_classification
     from napari_class2d.sim.simulate import simulate_dataset
 
@@ -44,20 +45,21 @@ def main(args: argparse.Namespace) -> int:
     )
     t_sim = time.perf_counter() - t0
     print(f"simulated {args.n} particles in {t_sim:.0f} s: {sim.particles_star}")
-    particles = read_particles(sim.particles_star)
-    config = Class2DConfig(
-        n_classes=args.classes,
-        max_res_A=10.0,
-        batch_size_per_class=100,
-        seed=args.seed,
+    spec = JobSpec(
+        config=Class2DConfig(
+            n_classes=args.classes,
+            max_res_A=10.0,
+            batch_size_per_class=100,
+            seed=args.seed,
+        ),
+        input=sim.particles_star,
+        out_dir=out / "class2d",
+        overwrite=args.overwrite,
     )
-    job = Class2DJob(particles, config, out_dir=out / "class2d", overwrite=args.overwrite)
-    for snap in job.run():
-        populated = int((snap.class_counts_hard > 0).sum())
-        print(
-            f"  iteration {snap.iteration}/{snap.n_iterations_planned} ({snap.phase}): "
-            f"{populated} classes populated"
-        )
+    resume = f"napari-class2d classify {sim.particles_star} --out {out / 'class2d'} --resume"
+    rc = run_spec(spec, "napari-class2d demo", lambda: resume)
+    if rc:
+        return rc
     t_cls = time.perf_counter() - t0 - t_sim
     scores = score_classification(
         sim.out_dir, out / "class2d" / "run_data.star", out / "class2d" / "run_classes.mrcs"

@@ -39,6 +39,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         result = load_result(args.result)
+        empty = result.empty_classes(args.keep)
         n = export_selection(
             result,
             args.keep,
@@ -50,6 +51,10 @@ def main(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"napari-class2d select: error: {err}", file=sys.stderr)
         return 2
+    if len(empty):
+        listed = ", ".join(map(str, empty))
+        what = f"classes {listed} hold" if len(empty) > 1 else f"class {listed} holds"
+        print(f"napari-class2d select: warning: {what} no particles", file=sys.stderr)
     kept = sorted(set(args.keep))
     print(
         f"wrote {n} particles from {len(kept)} of {result.n_classes} classes "

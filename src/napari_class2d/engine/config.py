@@ -13,6 +13,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal
 
+#: maximum resolution in Å when ``max_res_A`` is unset (unless the data's Nyquist is coarser)
+DEFAULT_MAX_RES_A = 6.0
+
 CTFMode = Literal["full", "flip", "off"]
 StreamMode = Literal["full", "incremental"]
 
@@ -31,7 +34,9 @@ class Class2DConfig:
         Number of 2D classes K.
     max_res_A
         Maximum resolution in Å: images are Fourier-cropped so their Nyquist
-        is this resolution, and class averages hold nothing finer.
+        is this resolution, and class averages hold nothing finer (``None``:
+        6 Å, or the data's Nyquist limit when that is coarser, e.g. for binned
+        particles).
     max_align_res_A
         Finest resolution in Å used for alignment and classification
         (``None``: same as ``max_res_A``; finer than ``max_res_A`` is clamped
@@ -119,7 +124,7 @@ class Class2DConfig:
     """
 
     n_classes: int = 50
-    max_res_A: float = 6.0
+    max_res_A: float | None = None
     max_align_res_A: float | None = None
     min_align_res_A: float | None = None
     n_online_em_iterations: int = 20
@@ -218,8 +223,8 @@ class Class2DConfig:
             need(v is None or (math.isfinite(v) and v > 0), name, "must be > 0 (or unset)")
 
         need(isinstance(self.n_classes, int) and self.n_classes >= 1, "n_classes", "must be >= 1")
-        need(math.isfinite(self.max_res_A) and self.max_res_A > 0, "max_res_A", "must be > 0 Å")
         for name in (
+            "max_res_A",
             "max_align_res_A",
             "min_align_res_A",
             "particle_diameter_A",
@@ -230,9 +235,10 @@ class Class2DConfig:
             positive_or_none(name)
         need(self.max_shift_A is None or self.max_shift_A >= 0, "max_shift_A", "must be >= 0 Å")
         if self.min_align_res_A is not None:
-            finest = self.max_align_res_A or self.max_res_A
+            max_res = self.max_res_A or DEFAULT_MAX_RES_A
+            finest = self.max_align_res_A or max_res
             need(
-                self.min_align_res_A > max(finest, self.max_res_A),
+                self.min_align_res_A > max(finest, max_res),
                 "min_align_res_A",
                 f"must be coarser (larger, in Å) than the maximum alignment resolution {finest} Å",
             )
@@ -297,23 +303,34 @@ class Class2DConfig:
         """
         self.validate()
         nyquist = 2.0 * pixel_size_A
-        if self.max_res_A < nyquist - 1e-6:
+        notes: list[str] = []
+        max_res = self.max_res_A
+        if max_res is None:
+            max_res = DEFAULT_MAX_RES_A
+            if max_res < nyquist - 1e-6:
+                notes.append(
+                    f"max_res_A: the default {DEFAULT_MAX_RES_A:g} Å is finer than the data's "
+                    f"Nyquist limit {nyquist:.2f} Å (pixel {pixel_size_A:.3f} Å); using "
+                    f"{nyquist:.2f} Å"
+                )
+                max_res = nyquist
+        elif max_res < nyquist - 1e-6:
             raise ConfigError(
-                f"max_res_A={self.max_res_A}: finer than the data's Nyquist limit "
+                f"max_res_A={max_res}: finer than the data's Nyquist limit "
                 f"{nyquist:.2f} Å (pixel {pixel_size_A:.3f} Å)"
             )
         box_A = box * pixel_size_A
-        working_box = min(box, 2 * math.ceil(box * pixel_size_A / self.max_res_A))
+        working_box = min(box, 2 * math.ceil(box * pixel_size_A / max_res))
         working_box = max(working_box, 16) if box >= 16 else box
         working_pixel = box_A / working_box
-        max_align = self.max_align_res_A or self.max_res_A
-        if max_align < self.max_res_A:
+        max_align = self.max_align_res_A or max_res
+        if max_align < max_res:
             warnings.warn(
-                f"max_align_res_A={max_align} Å is finer than max_res_A={self.max_res_A} Å; "
-                f"clamped to {self.max_res_A} Å",
+                f"max_align_res_A={max_align} Å is finer than max_res_A={max_res} Å; "
+                f"clamped to {max_res} Å",
                 stacklevel=2,
             )
-            max_align = self.max_res_A
+            max_align = max_res
         if self.min_align_res_A is not None and self.min_align_res_A >= box_A:
             raise ConfigError(
                 f"min_align_res_A={self.min_align_res_A}: "
@@ -352,6 +369,8 @@ class Class2DConfig:
             inplane_step_deg=step,
             max_shift_A=max_shift,
             mask_particles_with_zeros=self.mask_particles_with_zeros,
+            max_res_A=max_res,
+            notes=tuple(notes),
         )
 
 
@@ -371,3 +390,7 @@ class ResolvedParams:
     inplane_step_deg: float
     max_shift_A: float
     mask_particles_with_zeros: bool = True
+    #: the maximum resolution used (``max_res_A``, or its data-dependent default)
+    max_res_A: float = DEFAULT_MAX_RES_A
+    #: what :meth:`Class2DConfig.resolve` chose for the data, one line each
+    notes: tuple[str, ...] = ()

@@ -2,8 +2,7 @@
 
 A batch job is a stream whose particles are all there at the start and whose
 "finish" is requested at once, so given the same particles and seed both give
-the same classes. The schedule (see ``docs/parameters.md`` and
-``../shared/docs/ALGORITHM.md``):
+the same classes. The schedule (see ``docs/algorithm.md`` and ``docs/parameters.md``):
 
 * warm-up: start once ``config.warmup_particles`` particles are there (batch: at once);
 * online EM: online iteration ``j`` (annealing factor ``config.annealing_factor(j)``)
@@ -19,17 +18,19 @@ the same classes. The schedule (see ``docs/parameters.md`` and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
-import pickle
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
+from napari_class2d.engine import checkpoint
+from napari_class2d.engine.checkpoint import CheckpointError
 from napari_class2d.engine.config import Class2DConfig, ConfigError
 from napari_class2d.engine.fourier import fourier_pad
 from napari_class2d.engine.model import (
@@ -39,13 +40,34 @@ from napari_class2d.engine.model import (
     ParticleAssignments,
     resolve_device,
 )
-from napari_class2d.engine.pool import ParticlePool
+from napari_class2d.engine.pool import ParticlePool, working_grid
 from napari_class2d.engine.snapshot import IterationSnapshot
+from napari_class2d.io.errors import DiskFullError, free_bytes
 from napari_class2d.io.particles import ParticleSet
+from napari_class2d.io.source import ParticleSource, as_source
+from napari_class2d.io.star import read_star
+from napari_class2d.io.writers import (
+    write_class_averages,
+    write_model_star,
+    write_particle_star,
+)
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+#: the job's own counters, kept in the checkpoint
+COUNTERS = (
+    "online_done",
+    "full_done",
+    "iteration",
+    "n_at_last_update",
+    "incremental_updates",
+    "done",
+)
+#: bytes per kept Fourier coefficient and particle in the cache (float16 real, imaginary, CTF)
+CACHE_BYTES_PER_COEFFICIENT = 6
+#: room kept free beside the cache (checkpoint, outputs), bytes
+CACHE_MARGIN_BYTES = 64 * 2**20
 #: idle iterations on an unchanged pool before a stream only waits
 MAX_IDLE_ITERATIONS = 2
 
@@ -56,37 +78,60 @@ class Class2DJob:
     Parameters
     ----------
     particles_or_source
-        A :class:`~napari_class2d.io.particles.ParticleSet` (batch) or a stream
-        source with ``poll() -> ParticleSet | None``, ``state() -> dict`` and
-        ``restore(state)``.
+        A :class:`~napari_class2d.io.particles.ParticleSet` (batch) or a
+        :class:`~napari_class2d.io.source.ParticleSource`: a fixed set
+        (``streaming`` false) or a stream that grows
+        (:class:`~napari_class2d.stream.watcher.FolderWatcher`).
     config
         Job parameters; validated before any work starts.
     out_dir
         Folder for outputs, the particle cache and the checkpoint (``None``: no files).
     resume
-        Continue from ``out_dir/checkpoint.pt``.
+        Continue from ``out_dir/checkpoint.pt`` (the source must hold the same
+        particles as when the job started).
     overwrite
         Replace existing outputs in ``out_dir`` (otherwise refuse to start over them).
     poll_seconds
         Streaming: pause between polls while waiting for particles.
+    on_first_particles
+        Called with the first particles and the config before anything is
+        computed; returns the config to use (e.g. CTF correction off for
+        particles without CTF). ``None``: the config as given.
+
+    Raises
+    ------
+    ConfigError
+        An invalid parameter, or a device that is not there.
+    FileExistsError
+        ``out_dir`` holds a result and neither ``resume`` nor ``overwrite`` is set.
+    CheckpointError, SourceMismatchError
+        ``resume`` with a checkpoint this version cannot read, or other particles.
     """
 
     def __init__(
         self,
-        particles_or_source,
+        particles_or_source: ParticleSet | ParticleSource,
         config: Class2DConfig,
         out_dir: str | Path | None = None,
         resume: bool = False,
         overwrite: bool = False,
         poll_seconds: float = 2.0,
+        on_first_particles: Callable[[ParticleSet, Class2DConfig], Class2DConfig] | None = None,
     ):
         self.config = config.validate()
-        self.streaming = not isinstance(particles_or_source, ParticleSet)
-        self.source = particles_or_source
+        self.source = as_source(particles_or_source)
+        self.streaming = self.source.streaming
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.overwrite = overwrite
         self.poll_seconds = poll_seconds
-        self.device = resolve_device(config.device)
+        self.on_first_particles = on_first_particles
+        try:
+            self.device = resolve_device(config.device)
+        except (ValueError, RuntimeError) as err:
+            text = str(err)
+            raise ConfigError(
+                text if text.startswith("device=") else f"device={config.device!r}: {text}"
+            ) from None
         self._stop = threading.Event()
         self._finish = threading.Event()
         if not self.streaming:
@@ -106,6 +151,7 @@ class Class2DJob:
         self.done = False
         self._first_batch: np.ndarray | None = None  # the mini-batch the references came from
         self._last_snapshot: IterationSnapshot | None = None
+        self._block_tables: list[str | None] = []  # per pool block: its saved particle table
         if self.out_dir is not None:
             existing = [p for p in ("run_data.star", CHECKPOINT) if (self.out_dir / p).exists()]
             if existing and not (resume or overwrite):
@@ -138,13 +184,11 @@ class Class2DJob:
         """Run the schedule, yielding one snapshot per iteration (and while waiting)."""
         cfg = self.config
         batch = cfg.online_batch_size
-        if not self.streaming and self.pool is None:
-            self._add(self.source)
         while not self.done:
             if self._stop.is_set():
-                self._save_checkpoint()
+                self.save_checkpoint()
                 return
-            arrived = self._poll() if self.streaming else 0
+            arrived = self._poll() if self.streaming or self.pool is None else 0
             if arrived:
                 self.idle_iterations = 0
             finishing = self._finish.is_set()
@@ -187,7 +231,7 @@ class Class2DJob:
                 yield self._full(hard=last and cfg.hard_classification_last, final=True)
                 continue
             self.done = True
-            self._save_checkpoint()
+            self.save_checkpoint()
             if self.out_dir is not None:
                 self.write_outputs(self.out_dir, overwrite=True)
 
@@ -209,24 +253,49 @@ class Class2DJob:
 
     def _add(self, particles: ParticleSet) -> None:
         if self.pool is None:
+            if self.on_first_particles is not None:
+                self.config = self.on_first_particles(particles, self.config).validate()
             apix = float(np.median(particles.pixel_size_A))
             params = self.config.resolve(particles.box, apix)
+            for note in params.notes:
+                log.info(note)
             if self.config.ctf_correction != "off" and not particles.has_ctf:
                 where = particles.source_path or "the particles"
                 raise ConfigError(
                     f"ctf_correction={self.config.ctf_correction!r}: {where} "
                     "carry no CTF parameters; use ctf_correction='off'"
                 )
-            from napari_class2d.engine.pool import working_grid
-
             cache = self.out_dir / "cache" if self.out_dir is not None else None
             self.pool = ParticlePool(params, working_grid(params), cache, seed=self.config.seed)
             self.model = Class2DModel(self.config, params, self.device)
         elif self.config.ctf_correction != "off" and not particles.has_ctf:
             raise ConfigError(f"{particles.source_path}: new particles carry no CTF parameters")
+        self._check_space(particles.n_particles)
         self.pool.add(particles)
+        self._block_tables.append(self._save_block_table(particles))
         self.seen = np.concatenate([self.seen, np.zeros(particles.n_particles, bool)])
         self.assignments.grow(self.pool.n)
+
+    def _check_space(self, n: int) -> None:
+        """Refuse to grow the memory-mapped cache onto a disk without room for it (a full
+        disk under a memory map kills the process with SIGBUS, without a message)."""
+        if self.pool is None or self.pool.cache_dir is None:
+            return
+        needed = n * self.pool.grid.n * CACHE_BYTES_PER_COEFFICIENT + CACHE_MARGIN_BYTES
+        free = free_bytes(self.pool.cache_dir)
+        if free is not None and free < needed:
+            raise DiskFullError(
+                self.pool.cache_dir, needed, free, what=f"the cache of {n} particles"
+            )
+
+    def _save_block_table(self, particles: ParticleSet) -> str | None:
+        """Streaming with files: keep the particles of a pool block as a STAR file in the
+        cache, so a resumed job has them (a fixed set is given again instead)."""
+        if not self.streaming or self.pool is None or self.pool.cache_dir is None:
+            return None
+        name = f"particles_{len(self._block_tables):05d}.star"
+        write_particle_star(self.pool.cache_dir / name, particles, overwrite=True)
+        return f"cache/{name}"
 
     def _draw(self, size: int) -> np.ndarray:
         """A mini-batch: unseen particles first, the rest at random from those seen."""
@@ -321,7 +390,7 @@ class Class2DJob:
         )
         self._last_snapshot = snap
         if self.out_dir is not None:
-            self._save_checkpoint()
+            self.save_checkpoint()
             self.write_outputs(self.out_dir, overwrite=True)
         return snap
 
@@ -393,10 +462,8 @@ class Class2DJob:
         sets = self.pool.sets
         return sets[0] if len(sets) == 1 else ParticleSet.concat(sets)
 
-    def particle_table(self):
+    def particle_table(self) -> pd.DataFrame:
         """Classification columns per particle (RELION names, 1-based classes)."""
-        import pandas as pd
-
         a = self.assignments
         apix = self.model.pixel_size_A
         visited = a.best_class >= 0
@@ -416,12 +483,6 @@ class Class2DJob:
 
     def write_outputs(self, out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
         """Write ``run_data.star``, ``run_classes.mrcs`` and ``run_model.star`` atomically."""
-        from napari_class2d.io.writers import (
-            write_class_averages,
-            write_model_star,
-            write_particle_star,
-        )
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         m = self.model
@@ -466,65 +527,106 @@ class Class2DJob:
         return paths
 
     # -- checkpoints -------------------------------------------------------------------
-    def _save_checkpoint(self) -> None:
-        if self.out_dir is None or self.model is None:
-            return
-        state = {
+    def save_checkpoint(self) -> Path | None:
+        """Write ``out_dir/checkpoint.pt`` (tensors and a JSON document; see
+        :mod:`napari_class2d.engine.checkpoint`). ``None`` when there is nothing to keep."""
+        if self.out_dir is None or self.model is None or self.pool is None:
+            return None
+        model_doc, tensors = checkpoint.split_state(self.model.state_dict(), "model")
+        fields = [f.name for f in dataclasses.fields(ParticleAssignments)]
+        for name in fields:
+            tensors[f"assignments/{name}"] = np.asarray(getattr(self.assignments, name))
+        tensors["seen"] = self.seen
+        tensors["half"] = np.asarray(self.pool.half)
+        if self._first_batch is not None:
+            tensors["first_batch"] = self._first_batch
+        document = {
             "config": self.config.to_dict(),
-            "model": self.model.state_dict(),
-            "assignments": self.assignments,
+            "model": model_doc,
+            "assignments": fields,
             "rng": self.rng.bit_generator.state,
-            "seen": self.seen,
-            "counters": {
-                k: getattr(self, k)
-                for k in (
-                    "online_done",
-                    "full_done",
-                    "iteration",
-                    "n_at_last_update",
-                    "incremental_updates",
-                    "done",
-                )
-            },
+            "counters": {k: getattr(self, k) for k in COUNTERS},
             "history": self.history,
-            "source_state": self.source.state() if self.streaming else None,
-            "sets": self.pool.sets,
-            "half": self.pool.half,
-            "first_batch": self._first_batch,
+            "source": self.source.state(),
+            "blocks": [
+                {"n_particles": s.n_particles, "table": t}
+                for s, t in zip(self.pool.sets, self._block_tables, strict=True)
+            ],
+            "first_batch": self._first_batch is not None,
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.out_dir / (CHECKPOINT + ".tmp")
-        torch.save(state, tmp, pickle_protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, self.out_dir / CHECKPOINT)
+        return checkpoint.save(self.out_dir / CHECKPOINT, document, tensors)
 
     def _load_checkpoint(self) -> None:
-        path = self.out_dir / CHECKPOINT
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-        state = torch.load(path, weights_only=False)
-        saved = Class2DConfig.from_dict(state["config"])
+        document, tensors = checkpoint.load(self.out_dir / CHECKPOINT)
+        saved = Class2DConfig.from_dict(document["config"])
         if saved.replace(device=self.config.device) != self.config.replace(
             device=saved.device, memory_budget_GB=saved.memory_budget_GB
         ):
             log.warning("resuming with changed parameters; the checkpoint's values are used")
             self.config = saved.replace(device=self.config.device)
-        sets = state["sets"]
+        self.source.restore(document["source"])
+        sets = self.source.redelivered()
+        blocks = document["blocks"]
+        if sets is None:
+            sets = [self._read_block_table(b) for b in blocks]
+        if [s.n_particles for s in sets] != [b["n_particles"] for b in blocks]:
+            raise CheckpointError(
+                f"{self.out_dir / CHECKPOINT}: the particles do not match the checkpoint's "
+                f"({[b['n_particles'] for b in blocks]} per block)"
+            )
         first = sets[0]
         params = self.config.resolve(first.box, float(np.median(first.pixel_size_A)))
-        from napari_class2d.engine.pool import working_grid
-
         self.pool = ParticlePool(
             params, working_grid(params), self.out_dir / "cache", seed=self.config.seed
         )
-        self.pool.reopen(sets, state["half"])
+        self.pool.reopen(sets, tensors["half"].numpy())
+        self._block_tables = [b["table"] for b in blocks]
         self.model = Class2DModel(self.config, params, self.device)
-        self.model.load_state_dict(state["model"])
-        self.assignments = state["assignments"]
-        self.rng.bit_generator.state = state["rng"]
-        self.seen = state["seen"]
-        for k, v in state["counters"].items():
+        self.model.load_state_dict(self._model_state(document["model"], tensors))
+        try:
+            self.assignments = ParticleAssignments(
+                **{
+                    name: tensors[f"assignments/{name}"].numpy()
+                    for name in document["assignments"]
+                }
+            )
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(
+                f"{self.out_dir / CHECKPOINT}: the particle assignments do not fit this version "
+                f"of napari-class2d ({err})"
+            ) from None
+        self.rng.bit_generator.state = document["rng"]
+        self.seen = tensors["seen"].numpy()
+        for k, v in document["counters"].items():
             setattr(self, k, v)
-        self.history = state["history"]
-        self._first_batch = state["first_batch"]
-        if self.streaming and state["source_state"] is not None:
-            self.source.restore(state["source_state"])
+        self.history = document["history"]
+        self._first_batch = tensors["first_batch"].numpy() if document["first_batch"] else None
+
+    def _model_state(self, described: dict, tensors: dict) -> dict:
+        """The checkpoint's model state, checked against what this version's model holds."""
+        state = checkpoint.join_state(described, tensors, "model")
+        current = self.model.state_dict()
+        where = self.out_dir / CHECKPOINT
+        if set(state) != set(current):
+            raise CheckpointError(
+                f"{where}: the classifier state it holds ({', '.join(sorted(state))}) is not "
+                f"this version's ({', '.join(sorted(current))}); start the job again (overwrite)"
+            )
+        for key, value in current.items():
+            shape = getattr(value, "shape", None)
+            if shape is not None and tuple(state[key].shape) != tuple(shape):
+                raise CheckpointError(
+                    f"{where}: {key} has shape {tuple(state[key].shape)}, this version's "
+                    f"{tuple(shape)}; start the job again (overwrite)"
+                )
+        return state
+
+    def _read_block_table(self, block: dict) -> ParticleSet:
+        table = block.get("table")
+        if table is None:
+            raise CheckpointError(
+                f"{self.out_dir / CHECKPOINT}: a block of {block['n_particles']} particles was "
+                "not saved with the checkpoint"
+            )
+        return read_star(self.out_dir / table, check_stacks_exist=False)

@@ -14,9 +14,10 @@ from napari_class2d.io.model import (
     read_class_averages,
     read_model_star,
 )
-from napari_class2d.io.mrc import open_stack, read_mrcs_particles, read_stack_header
+from napari_class2d.io.mrc import open_stack, read_stack_header
 from napari_class2d.io.particles import CTFParams, ImageSource, ParticleSet
 from napari_class2d.io.readers import read_particles
+from napari_class2d.io.stack import read_mrcs_particles
 from napari_class2d.io.writers import (
     atomic_write,
     write_class_averages,

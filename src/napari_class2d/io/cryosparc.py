@@ -32,6 +32,8 @@ OPTIONAL_CTF_FIELDS = {
     "ctf/phase_shift_rad": ("phase_shift_deg", 180.0 / np.pi),
     "ctf/bfactor": ("bfactor_A2", 1.0),
 }
+#: the first bytes of every ``.npy``/``.cs`` file
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 def load_cs(path: str | Path) -> np.ndarray:
@@ -40,19 +42,36 @@ def load_cs(path: str | Path) -> np.ndarray:
     Raises
     ------
     ParticleFileError
-        Missing file, or not a numpy structured array.
+        Missing file, or not a cryoSPARC file (not a numpy structured array; a
+        pickled object is never loaded).
     """
     path = Path(path)
     if not path.is_file():
         raise ParticleFileError(path, "cryoSPARC .cs file not found")
     try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as err:
+        with open(path, "rb") as fh:
+            magic = fh.read(len(_NPY_MAGIC))
+    except OSError as err:
+        raise ParticleFileError(path, f"cannot read the file: {err.strerror}") from None
+    if magic != _NPY_MAGIC:
         raise ParticleFileError(
-            path, f"not a readable cryoSPARC .cs file (numpy structured array): {err}"
-        ) from None
+            path, "not a cryoSPARC .cs file (expected a numpy structured array)"
+        )
+    try:
+        data = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        if "pickle" in str(err):
+            raise ParticleFileError(
+                path,
+                "not a cryoSPARC .cs file (it holds Python objects, not a numpy structured array)",
+            ) from None
+        raise ParticleFileError(path, f"not a readable cryoSPARC .cs file ({err})") from None
+    except Exception as err:
+        raise ParticleFileError(path, f"not a readable cryoSPARC .cs file ({err})") from None
     if not isinstance(data, np.ndarray) or data.dtype.names is None:
-        raise ParticleFileError(path, "not a cryoSPARC .cs file: expected a structured array")
+        raise ParticleFileError(
+            path, "not a cryoSPARC .cs file (expected a numpy structured array)"
+        )
     return data
 
 
@@ -148,7 +167,19 @@ def read_cs(
     raw = metadata["blob/path"].astype(str).str.strip().str.lstrip(">")
     codes, uniques = pd.factorize(raw, sort=False)
     codes = codes.astype(np.int64)
-    image_index = np.asarray(data["blob/idx"], dtype=np.int64)
+    raw_index = np.asarray(data["blob/idx"])
+    if raw_index.dtype.kind not in "iu":
+        as_float = raw_index.astype(np.float64)
+        bad = ~np.isfinite(as_float) | (as_float != np.floor(as_float))
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise ParticleFileError(
+                path,
+                f"image index {float(raw_index[row]):g} is not a whole number",
+                row=row,
+                column="blob/idx",
+            )
+    image_index = raw_index.astype(np.int64)
     if (image_index < 0).any():
         row = int(np.argmax(image_index < 0))
         raise ParticleFileError(

@@ -16,7 +16,7 @@ import pandas as pd
 from napari_class2d.io.errors import ParticleFileError
 from napari_class2d.io.mrc import first_nonfinite, open_stack, read_stack_header
 from napari_class2d.io.paths import candidate_paths, project_folders, resolve_first
-from napari_class2d.io.star import read_star_blocks
+from napari_class2d.io.starparse import read_star_blocks
 from napari_class2d.io.writers import RELION_NO_RESOLUTION
 
 

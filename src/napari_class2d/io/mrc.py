@@ -15,16 +15,22 @@ from pathlib import Path
 
 import mrcfile
 import numpy as np
-import pandas as pd
 from mrcfile.utils import data_dtype_from_header
 
 from napari_class2d.io.errors import ParticleFileError
-from napari_class2d.io.particles import ImageSource, ParticleSet
 
 #: MRC space group of an image stack (MRC2014); 1-230 mean a volume, 401-630 a volume stack.
 IMAGE_STACK_SPACEGROUP = 0
 
 _HEADER_BYTES = 1024
+#: (MRC mode, data type, bytes per pixel) of the real-valued modes
+_MODE_SIZES = (
+    (0, "int8", 1),
+    (1, "int16", 2),
+    (2, "float32", 4),
+    (6, "uint16", 2),
+    (12, "float16", 2),
+)
 
 
 @dataclass(frozen=True)
@@ -175,9 +181,26 @@ def check_stack_header(header: StackHeader, *, as_stack: bool = True) -> StackHe
     Raises
     ------
     ParticleFileError
-        Truncated file, non-square images, or a volume used as particles.
+        Truncated file, a file larger than its header says (the data mode
+        disagrees with the data: read as that mode, the pixels would be
+        garbage), non-square images, or a volume used as particles.
     """
     path = header.path
+    if header.file_size > header.expected_size:
+        pixels = header.nx * header.ny * header.nz
+        fits = [
+            f"mode {mode} ({name})"
+            for mode, name, size in _MODE_SIZES
+            if mode != header.mode and header.data_offset + pixels * size == header.file_size
+        ]
+        raise ParticleFileError(
+            path,
+            f"the header says mode {header.mode} ({header.dtype.name}): {header.nz} images of "
+            f"{header.nx}x{header.ny} take {header.expected_size} bytes with the header, but "
+            f"the file has {header.file_size} bytes"
+            + (f", as {' or '.join(fits)} would" if fits else "")
+            + "; the header does not describe the data, so it is not read",
+        )
     if not header.is_complete:
         raise ParticleFileError(
             path,
@@ -244,61 +267,3 @@ def first_nonfinite(block: np.ndarray) -> int | None:
     if finite.all():
         return None
     return int(np.argmin(finite))
-
-
-def read_mrcs_particles(
-    path: str | Path, pixel_size_A: float | None = None, *, as_stack: bool = False
-) -> ParticleSet:
-    """A bare image stack as a particle set without CTF.
-
-    Parameters
-    ----------
-    path
-        ``.mrcs`` (always a stack) or ``.mrc`` (a stack when its space group is
-        0 or it holds one image; otherwise refused unless ``as_stack``).
-    pixel_size_A
-        Pixel size in Å. Overrides the header, whose voxel size is often a
-        placeholder (1.0 or 0).
-    as_stack
-        Accept a ``.mrc`` whose header says volume as an image stack.
-
-    Returns
-    -------
-    ParticleSet
-        ``source_format="mrcs"``, ``ctf=None``, metadata with ``rlnImageName``.
-
-    Raises
-    ------
-    ParticleFileError
-        Bad stack (see :func:`check_stack_header`), or no pixel size in the
-        header and none given.
-    """
-    path = Path(path)
-    header = check_stack_header(read_stack_header(path), as_stack=as_stack)
-    if pixel_size_A is not None:
-        if not (np.isfinite(pixel_size_A) and pixel_size_A > 0):
-            raise ParticleFileError(path, f"pixel size must be > 0 Å, got {pixel_size_A}")
-        apix = float(pixel_size_A)
-    elif header.voxel_size_A > 0:
-        apix = header.voxel_size_A
-    else:
-        raise ParticleFileError(
-            path, "the header has no pixel size (voxel size 0); give the pixel size in Å"
-        )
-    n = header.nz
-    index = np.arange(n, dtype=np.int64)
-    numbers = np.char.zfill((index + 1).astype(str), 6)
-    names = np.char.add(np.char.add(numbers, "@"), path.name)
-    metadata = pd.DataFrame({"rlnImageName": names})
-    images = ImageSource([path.resolve()], np.zeros(n, dtype=np.int64), index)
-    return ParticleSet(
-        metadata,
-        images,
-        apix,
-        header.nx,
-        ctf=None,
-        optics=None,
-        optics_group=np.ones(n, dtype=np.int64),
-        source_path=path,
-        source_format="mrcs",
-    )

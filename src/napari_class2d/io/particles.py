@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 
 from napari_class2d.io.errors import ParticleFileError
+from napari_class2d.io.mrc import first_nonfinite, open_stack
+from napari_class2d.io.optics import merge_optics, optics_table_for
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,6 @@ class ImageSource:
         if isinstance(entry, np.ndarray):
             data = entry if entry.ndim == 3 else entry[None]
         else:
-            from napari_class2d.io.mrc import open_stack  # lazy: avoids import cycle
-
             data = open_stack(entry)
         cache[s] = data
         while len(cache) > self.max_open_stacks:
@@ -132,8 +132,6 @@ class ImageSource:
             An image lies beyond the end of its stack, or holds NaN/inf pixels
             (the error names the stack file and the 0-based image index).
         """
-        from napari_class2d.io.mrc import first_nonfinite
-
         indices = np.asarray(indices, dtype=np.int64)
         out = None
         stack_ids = self.stack_index[indices]
@@ -269,13 +267,6 @@ class ParticleSet:
             metadata = pd.DataFrame({"rlnImageName": [f"{i + 1:06d}@memory" for i in range(n)]})
         return cls(metadata, ImageSource.from_array(images), pixel_size_A, images.shape[1], ctf)
 
-    @classmethod
-    def from_file(cls, path: str | Path, **kwargs) -> ParticleSet:
-        """Read a ``.star``, ``.cs`` or ``.mrcs``/``.mrc`` file (dispatch on suffix)."""
-        from napari_class2d.io.readers import read_particles
-
-        return read_particles(path, **kwargs)
-
     # -- properties -----------------------------------------------------------------
     @property
     def n_particles(self) -> int:
@@ -343,8 +334,6 @@ class ParticleSet:
         ValueError
             No sets, different box sizes, or some sets with CTF and some without.
         """
-        from napari_class2d.io.optics import merge_optics, optics_table_for
-
         sets = list(sets)
         if not sets:
             raise ValueError("ParticleSet.concat needs at least one particle set")
@@ -361,6 +350,18 @@ class ParticleSet:
                 f"{s.source_path or '<memory>'}: {'CTF' if s.has_ctf else 'no CTF'}" for s in sets
             )
             raise ValueError(f"cannot concatenate sets with and without CTF ({detail})")
+        # Runs of sets that share one optics table (rows of files parsed together) are
+        # stacked directly: only the optics tables of what is left need merging.
+        runs: list[list[ParticleSet]] = []
+        for s in sets:
+            if runs and s.optics is not None and s.optics is runs[-1][0].optics:
+                runs[-1].append(s)
+            else:
+                runs.append([s])
+        if len(runs) < len(sets):
+            sets = [run[0] if len(run) == 1 else cls._stack(run, box) for run in runs]
+            if len(sets) == 1:
+                return sets[0]
 
         metadata = [s.metadata for s in sets]
         if any(s.optics is not None for s in sets):
@@ -391,6 +392,23 @@ class ParticleSet:
             CTFParams.concat([s.ctf for s in sets]) if all(with_ctf) else None,
             optics,
             np.concatenate(groups),
+            sets[0].source_path if len(paths) == 1 else None,
+            formats.pop() if len(formats) == 1 else "mixed",
+        )
+
+    @classmethod
+    def _stack(cls, sets: list[ParticleSet], box: int) -> ParticleSet:
+        """Sets sharing one optics table (same group numbers) as one set."""
+        paths = {str(s.source_path) for s in sets}
+        formats = {s.source_format for s in sets}
+        return cls(
+            pd.concat([s.metadata for s in sets], ignore_index=True, sort=False),
+            ImageSource.concat([s.images for s in sets]),
+            np.concatenate([s.pixel_size_A for s in sets]),
+            box,
+            CTFParams.concat([s.ctf for s in sets]) if sets[0].ctf is not None else None,
+            sets[0].optics,
+            np.concatenate([s.optics_group for s in sets]),
             sets[0].source_path if len(paths) == 1 else None,
             formats.pop() if len(formats) == 1 else "mixed",
         )

@@ -87,6 +87,20 @@ def resolve_first(candidates: Sequence[Path]) -> Path | None:
     return None
 
 
+def resolve_stack(
+    star_path: Path, name: str, project_dir: str | Path | None = None
+) -> tuple[Path | None, list[Path]]:
+    """Where the stack ``name`` of STAR file ``star_path`` is, and every path tried.
+
+    Tried in order: the STAR file's folder, ``project_dir``, the working
+    directory, then :func:`project_folders` (the two folders above the STAR
+    file's and the RELION project it lies in).
+    """
+    bases = [star_path.parent, Path(project_dir) if project_dir is not None else None]
+    tried = candidate_paths(name, bases, then=project_folders(star_path))
+    return resolve_first(tried), tried
+
+
 def check_stacks(
     source: Path,
     stacks: Sequence[Path],

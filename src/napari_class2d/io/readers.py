@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from napari_class2d.io.cryosparc import read_cs
 from napari_class2d.io.errors import ParticleFileError
 from napari_class2d.io.particles import ParticleSet
+from napari_class2d.io.stack import read_mrcs_particles
+from napari_class2d.io.star import read_star
 
 #: suffix -> format name, for messages and docs
 SUPPORTED_SUFFIXES = {
@@ -59,16 +62,10 @@ def read_particles(
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".star":
-        from napari_class2d.io.star import read_star
-
         return read_star(path, pixel_size_A, project_dir, check_stacks_exist=check_stacks)
     if suffix == ".cs":
-        from napari_class2d.io.cryosparc import read_cs
-
         return read_cs(path, pixel_size_A, project_dir, check_stacks_exist=check_stacks)
     if suffix in (".mrcs", ".mrc"):
-        from napari_class2d.io.mrc import read_mrcs_particles
-
         return read_mrcs_particles(path, pixel_size_A)
     supported = ", ".join(f"{s} ({d})" for s, d in SUPPORTED_SUFFIXES.items())
     kind = path.suffix or "(no suffix)"

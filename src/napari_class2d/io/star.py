@@ -14,15 +14,16 @@ is vectorised with pandas; only distinct stack files are visited one by one.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import starfile
 
 from napari_class2d.io.errors import ParticleFileError
 from napari_class2d.io.particles import CTFParams, ImageSource, ParticleSet
-from napari_class2d.io.paths import candidate_paths, check_stacks, project_folders, resolve_first
+from napari_class2d.io.paths import check_stacks, resolve_stack
+from napari_class2d.io.starparse import parse_star, read_star_blocks
 
 #: RELION column -> CTFParams field, for the columns every CTF needs
 REQUIRED_CTF_COLUMNS = {
@@ -33,6 +34,8 @@ REQUIRED_CTF_COLUMNS = {
     "rlnSphericalAberration": "cs_mm",
     "rlnAmplitudeContrast": "amplitude_contrast",
 }
+#: the per-particle columns without which there is no CTF
+DEFOCUS_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
 #: optional CTF columns and their defaults
 OPTIONAL_CTF_COLUMNS = {
     "rlnPhaseShift": ("phase_shift_deg", 0.0),
@@ -40,30 +43,6 @@ OPTIONAL_CTF_COLUMNS = {
 }
 #: block names that hold particles, most specific first
 _PARTICLE_BLOCK_NAMES = ("particles", "images", "")
-
-
-def read_star_blocks(path: str | Path) -> dict[str, pd.DataFrame | dict]:
-    """All data blocks of a STAR file (``starfile.read(..., always_dict=True)``).
-
-    Raises
-    ------
-    ParticleFileError
-        Missing, unreadable, or empty file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ParticleFileError(path, "STAR file not found")
-    if path.stat().st_size == 0:
-        raise ParticleFileError(path, "STAR file is empty (0 bytes); expected data blocks")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            blocks = starfile.read(path, always_dict=True)
-    except Exception as err:  # starfile raises assorted parser errors
-        raise ParticleFileError(path, f"not a readable STAR file: {err}") from None
-    if not blocks:
-        raise ParticleFileError(path, "STAR file holds no data blocks; expected a particle block")
-    return blocks
 
 
 def _as_frame(block) -> pd.DataFrame | None:
@@ -209,53 +188,117 @@ def parse_image_names(path: Path, names: pd.Series) -> tuple[np.ndarray, np.ndar
     return index - 1, codes.astype(np.int64), [str(u) for u in uniques]
 
 
-def read_star(
-    path: str | Path,
-    pixel_size_A: float | None = None,
-    project_dir: str | Path | None = None,
-    *,
-    check_stacks_exist: bool = True,
-) -> ParticleSet:
-    """Read a RELION particle STAR file (any version) without loading images.
+@dataclass
+class ParticleTable:
+    """A particle STAR file parsed, its image stacks not yet looked for.
 
-    Parameters
+    Attributes
     ----------
     path
-        The STAR file.
-    pixel_size_A
-        Pixel size in Å, used only when the file gives none
-        (``rlnImagePixelSize``, or ``rlnDetectorPixelSize``/``rlnMagnification``).
-    project_dir
-        RELION project folder, tried after the STAR file's folder when resolving
-        stack paths.
-    check_stacks_exist
-        Resolve every stack and check its header and the image indices (headers
-        only, fast). With ``False`` only the STAR file is parsed (metadata-only:
-        ``box`` comes from ``rlnImageSize`` when present, else 0, and stacks are
-        opened when images are first read).
+        The STAR file (named in errors; relative stack names start from its folder).
+    metadata
+        The particle block with its original columns.
+    optics
+        The optics table (RELION 3.1+), or ``None``.
+    pixel_size_A, optics_group
+        Per particle.
+    ctf
+        CTF parameters per particle, ``None`` without defocus columns.
+    image_index
+        0-based index of each particle's image in its stack.
+    stack_code
+        Per particle, the index of its stack in ``stack_names``.
+    stack_names
+        The distinct stacks as written in the file.
+    box
+        Image size from the optics table's ``rlnImageSize`` (0 when absent).
+    """
 
-    Returns
-    -------
-    ParticleSet
-        ``source_format`` ``"relion3.1"`` (optics table present) or
-        ``"relion3.0"``; ``metadata`` is the particle block with its original
-        columns; ``ctf`` is ``None`` when the file has no CTF columns.
+    path: Path
+    metadata: pd.DataFrame
+    optics: pd.DataFrame | None
+    pixel_size_A: np.ndarray
+    optics_group: np.ndarray
+    ctf: CTFParams | None
+    image_index: np.ndarray
+    stack_code: np.ndarray
+    stack_names: list[str]
+    box: int
+    optics_row: np.ndarray | None = None
+
+    @property
+    def n_particles(self) -> int:
+        return len(self.metadata)
+
+    @property
+    def source_format(self) -> str:
+        return "relion3.1" if self.optics is not None else "relion3.0"
+
+    def particles(
+        self,
+        project_dir: str | Path | None = None,
+        *,
+        check_stacks_exist: bool = True,
+    ) -> ParticleSet:
+        """The particles, with every stack looked for (see :func:`read_star`)."""
+        path = self.path
+        stacks: list[Path] = []
+        for code, name in enumerate(self.stack_names):
+            found, tried = resolve_stack(path, name, project_dir)
+            if found is None:
+                if check_stacks_exist:
+                    row = int(np.argmax(self.stack_code == code))
+                    tried_text = ", ".join(str(t) for t in tried)
+                    raise ParticleFileError(
+                        path,
+                        f"image stack {name!r} not found; tried: {tried_text}. Give the RELION "
+                        "project folder (project_dir / --project-dir) if paths are relative "
+                        "to it.",
+                        row=row,
+                        column="rlnImageName",
+                    )
+                found = tried[0]
+            stacks.append(found)
+        box = self.box
+        if check_stacks_exist:
+            box = check_stacks(
+                path,
+                stacks,
+                self.stack_code,
+                self.image_index,
+                index_column="rlnImageName",
+                index_base=1,
+            )
+            _check_image_size(path, self.optics, self.optics_row, box)
+        return ParticleSet(
+            self.metadata,
+            ImageSource(stacks, self.stack_code, self.image_index),
+            self.pixel_size_A,
+            box,
+            ctf=self.ctf,
+            optics=self.optics,
+            optics_group=self.optics_group,
+            source_path=path,
+            source_format=self.source_format,
+        )
+
+
+def parse_particle_blocks(
+    blocks: dict, path: str | Path, pixel_size_A: float | None = None
+) -> ParticleTable | None:
+    """The particle table of parsed STAR ``blocks`` (``None`` when its block has no rows).
 
     Raises
     ------
     ParticleFileError
-        Names the STAR file and, where relevant, the row and column: empty or
-        unreadable file, no particle block, partial CTF columns, non-finite CTF
-        values, no pixel size, unknown optics group, missing stack (with every
-        path tried), image index beyond its stack, mixed box sizes.
+        As :func:`read_star`, except for problems with the image stacks.
     """
     path = Path(path)
-    blocks = read_star_blocks(path)
     block_name, particles = find_particle_block(path, blocks)
     particles = particles.reset_index(drop=True)
     n = len(particles)
     if n == 0:
-        raise ParticleFileError(path, f"particle block data_{block_name} has no rows")
+        return None
     optics = find_optics_block(blocks, block_name)
     if optics is not None:
         optics = optics.reset_index(drop=True)
@@ -287,45 +330,81 @@ def read_star(
         groups = pd.DataFrame(keys).groupby(list(keys), sort=False).ngroup().to_numpy() + 1
 
     image_index, stack_code, stack_names = parse_image_names(path, particles["rlnImageName"])
-    bases = [path.parent, Path(project_dir) if project_dir is not None else None]
-    ancestors = project_folders(path)
-    stacks: list[Path] = []
-    for code, name in enumerate(stack_names):
-        tried = candidate_paths(name, bases, then=ancestors)
-        found = resolve_first(tried)
-        if found is None:
-            if check_stacks_exist:
-                row = int(np.argmax(stack_code == code))
-                tried_text = ", ".join(str(t) for t in tried)
-                raise ParticleFileError(
-                    path,
-                    f"image stack {name!r} not found; tried: {tried_text}. Give the RELION "
-                    "project folder (project_dir / --project-dir) if paths are relative to it.",
-                    row=row,
-                    column="rlnImageName",
-                )
-            found = tried[0]
-        stacks.append(found)
-
-    if check_stacks_exist:
-        box = check_stacks(
-            path, stacks, stack_code, image_index, index_column="rlnImageName", index_base=1
-        )
-        _check_image_size(path, optics, optics_row, box)
-    else:
-        box = _box_from_optics(optics)
-
-    return ParticleSet(
-        particles,
-        ImageSource(stacks, stack_code, image_index),
-        apix,
-        box,
-        ctf=ctf,
+    return ParticleTable(
+        path=path,
+        metadata=particles,
         optics=optics,
+        pixel_size_A=apix,
         optics_group=groups,
-        source_path=path,
-        source_format="relion3.1" if optics is not None else "relion3.0",
+        ctf=ctf,
+        image_index=image_index,
+        stack_code=stack_code,
+        stack_names=stack_names,
+        box=_box_from_optics(optics),
+        optics_row=optics_row,
     )
+
+
+def read_star(
+    path: str | Path,
+    pixel_size_A: float | None = None,
+    project_dir: str | Path | None = None,
+    *,
+    check_stacks_exist: bool = True,
+) -> ParticleSet:
+    """Read a RELION particle STAR file (any version) without loading images.
+
+    Parameters
+    ----------
+    path
+        The STAR file.
+    pixel_size_A
+        Pixel size in Å, used only when the file gives none
+        (``rlnImagePixelSize``, or ``rlnDetectorPixelSize``/``rlnMagnification``).
+    project_dir
+        RELION project folder, tried after the STAR file's folder when resolving
+        stack paths.
+    check_stacks_exist
+        Resolve every stack and check its header and the image indices (headers
+        only, fast). With ``False`` only the STAR file is parsed (metadata-only:
+        ``box`` comes from ``rlnImageSize`` when present, else 0, and stacks are
+        opened when images are first read).
+
+    Returns
+    -------
+    ParticleSet
+        ``source_format`` ``"relion3.1"`` (optics table present) or
+        ``"relion3.0"``; ``metadata`` is the particle block with its original
+        columns; ``ctf`` is ``None`` when the file has no defocus columns (a
+        RELION 3.1 optics table always has voltage, Cs and amplitude contrast).
+
+    Raises
+    ------
+    ParticleFileError
+        Names the STAR file and, where relevant, the row and column: empty or
+        unreadable file, no particle block, a repeated column, partial CTF
+        columns, non-finite CTF values, no pixel size, unknown optics group,
+        missing stack (with every path tried), image index beyond its stack,
+        mixed box sizes.
+    """
+    path = Path(path)
+    blocks = read_star_blocks(path)
+    table = parse_particle_blocks(blocks, path, pixel_size_A)
+    if table is None:
+        block_name, _ = find_particle_block(path, blocks)
+        raise ParticleFileError(path, f"particle block data_{block_name} has no rows")
+    return table.particles(project_dir, check_stacks_exist=check_stacks_exist)
+
+
+def read_star_text(
+    text: str | bytes, path: str | Path, pixel_size_A: float | None = None
+) -> ParticleTable | None:
+    """Parse particle STAR text held in memory (e.g. the rows appended to a growing file).
+
+    ``path`` is the file the text came from: errors name it and relative stack
+    names start from its folder. ``None`` when the particle block has no rows.
+    """
+    return parse_particle_blocks(parse_star(text, path), path, pixel_size_A)
 
 
 def _optics_rows(path: Path, particles: pd.DataFrame, optics: pd.DataFrame | None) -> np.ndarray:
@@ -397,10 +476,14 @@ def _pixel_size(path: Path, column, pixel_size_A: float | None, n: int) -> np.nd
 
 
 def _ctf(path: Path, particles: pd.DataFrame, optics: pd.DataFrame | None, column):
-    """CTF parameters, ``None`` when the file has no CTF columns at all."""
+    """CTF parameters, ``None`` when the file has no defocus columns.
+
+    Voltage, Cs and amplitude contrast alone (every RELION 3.1 optics table has
+    them) describe the microscope, not a CTF: without defocus there is none.
+    """
     available = set(particles.columns) | (set(optics.columns) if optics is not None else set())
     present = [c for c in REQUIRED_CTF_COLUMNS if c in available]
-    if not present:
+    if not any(c in available for c in DEFOCUS_COLUMNS):
         return None
     missing = [c for c in REQUIRED_CTF_COLUMNS if c not in available]
     if missing:

@@ -9,7 +9,7 @@ written file, and refuses to replace an existing file unless
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,6 +17,8 @@ import mrcfile
 import numpy as np
 import pandas as pd
 
+from napari_class2d.io.errors import DiskFullError, free_bytes, is_disk_full
+from napari_class2d.io.mrc import read_stack_header
 from napari_class2d.io.optics import OPTICS_CTF_COLUMNS, optics_table_for
 from napari_class2d.io.particles import ParticleSet
 from napari_class2d.io.paths import relion_project_of
@@ -42,9 +44,18 @@ RELION_NO_RESOLUTION = 999.0
 
 
 def atomic_write(
-    path: str | Path, writer_fn: Callable[[Path], object], overwrite: bool = False
+    path: str | Path,
+    writer_fn: Callable[[Path], object],
+    overwrite: bool = False,
+    *,
+    size_hint: int | None = None,
 ) -> Path:
     """Write ``path`` through a temporary file in the same folder.
+
+    The temporary file is created with the permissions a new file gets (0666
+    less the umask), so the result is readable by the group and others as the
+    umask allows; it is flushed to disk (fsync) before it takes ``path``'s
+    place, and removed whatever happens.
 
     Parameters
     ----------
@@ -55,6 +66,8 @@ def atomic_write(
     overwrite
         Replace an existing ``path``. Without it an existing file is never
         touched, even if it appears while ``writer_fn`` runs.
+    size_hint
+        Bytes the file is expected to take (named when the disk is full).
 
     Returns
     -------
@@ -67,6 +80,8 @@ def atomic_write(
         ``path`` exists and ``overwrite`` is false (names the path).
     FileNotFoundError
         The destination folder does not exist.
+    DiskFullError
+        No space left in the folder (``path`` is left as it was).
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -76,9 +91,7 @@ def atomic_write(
         )
     if not folder.is_dir():
         raise FileNotFoundError(2, f"output folder {folder} does not exist", str(folder))
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_temporary(folder, path.name)
     try:
         writer_fn(tmp)
         with open(tmp, "rb+") as fh:  # durable before it becomes visible
@@ -102,10 +115,44 @@ def atomic_write(
                         str(path),
                     ) from None
                 os.replace(tmp, path)
+    except Exception as err:
+        if is_disk_full(err) or _full_after(err, folder):
+            if size_hint is None and path.exists():  # the file it replaces: about as large
+                raise DiskFullError(
+                    folder, path.stat().st_size, what=path.name, approximate=True
+                ) from None
+            raise DiskFullError(folder, size_hint, what=path.name) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _new_temporary(folder: Path, name: str) -> Path:
+    """A new empty file ``.NAME.XXXXXXXX.tmp`` in ``folder``, mode 0666 less the umask."""
+    for _ in range(100):
+        tmp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        except OSError as err:
+            if is_disk_full(err):
+                raise DiskFullError(folder, what=name) from None
+            raise
+        os.close(fd)
+        return tmp
+    raise FileExistsError(17, f"cannot create a temporary file in {folder}", str(folder))
+
+
+def _full_after(err: BaseException, folder: Path) -> bool:
+    """Writers that wrap the OS error (e.g. a C++ library's "unexpected pos"): the disk
+    is full if nothing is left on it."""
+    if isinstance(err, (FileExistsError, FileNotFoundError, PermissionError)):
+        return False
+    free = free_bytes(folder)
+    return free is not None and free < 64 * 1024
 
 
 def _stack_name(target: Path, project: Path | None) -> str:
@@ -352,8 +399,6 @@ def write_model_star(
         raise ValueError(f"{k} class distributions but {len(resolution)} resolutions")
     resolution = np.where(np.isfinite(resolution), resolution, RELION_NO_RESOLUTION)
     if original_image_size is None:
-        from napari_class2d.io.mrc import read_stack_header
-
         original_image_size = read_stack_header(path.parent / classes_mrcs_name).nx
     reference = _stack_name(path.parent / classes_mrcs_name, relion_project_of(path.parent))
     finite = resolution[resolution < RELION_NO_RESOLUTION]

@@ -1,0 +1,92 @@
+"""Run a job specification from the command line: print its updates, handle Ctrl-C.
+
+Shared by ``classify`` and ``stream``: the first Ctrl-C stops the job after the
+current iteration (the checkpoint keeps everything computed), a second one
+aborts at once (the checkpoint of the last finished iteration stays).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+from napari_class2d.run.runner import JobRunner, RunError
+from napari_class2d.run.spec import JobSpec
+
+#: a repeated waiting line is printed at most this often, seconds
+REPEAT_SECONDS = 30.0
+
+
+def run_spec(
+    spec: JobSpec,
+    prog: str,
+    resume_command: Callable[[], str],
+    *,
+    quiet: bool = False,
+    out=None,
+) -> int:
+    """Run ``spec``; return the exit code (0 done or stopped, 2 bad input, 130 aborted).
+
+    Parameters
+    ----------
+    spec
+        The job.
+    prog
+        The command, for error messages (``napari-class2d classify``).
+    resume_command
+        The command line that resumes this job (printed when it stops).
+    quiet
+        Print only notes, errors and the final line, not one line per iteration.
+    """
+    out = sys.stdout if out is None else out
+    runner = JobRunner(spec)
+    interrupted: list[bool] = []
+
+    def on_interrupt(signum, frame):
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(True)
+        print("\nstopping after the current iteration (Ctrl-C again to abort)...", file=out)
+        runner.request_stop()
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_interrupt) if in_main_thread else None
+    started = time.monotonic()
+    last_line, last_time = "", 0.0
+    try:
+        for update in runner.run():
+            for note in update.notes:
+                print(note, file=out, flush=True)
+            if update.snapshot is None:
+                print(update.status, file=out, flush=True)
+                continue
+            now = time.monotonic()
+            waiting = update.snapshot.phase == "waiting"
+            if quiet or (
+                waiting and update.status == last_line and now - last_time < REPEAT_SECONDS
+            ):
+                continue
+            print(f"[{now - started:7.1f} s]  {update.status}", file=out, flush=True)
+            last_line, last_time = update.status, now
+    except RunError as err:
+        hint = ""
+        if err.kind == "exists":
+            hint = ". Add --resume to continue that job or --overwrite to start over"
+        print(f"{prog}: error: {err}{hint}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(
+            f"aborted; the checkpoint of the last finished iteration is in {spec.out_path}. "
+            f"Resume with:\n  {resume_command()}",
+            file=out,
+        )
+        return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+    if runner.outcome == "stopped":
+        print(f"Resume with:\n  {resume_command()}", file=out)
+    return 0
