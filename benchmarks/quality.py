@@ -9,7 +9,7 @@ default schedule; the result is scored with
 
 Usage::
 
-    python benchmarks/quality.py --map phantom [--hard] [--classes 50] [--out DIR]
+    python benchmarks/quality.py --map {phantom,micelle,ribosome,betagal} [--hard] [--out DIR]
         [--seed 0] [--reuse] [--set key=value ...]
 
 Prints a summary and writes ``OUT/quality.json`` (scores, wall time of the
