@@ -349,8 +349,9 @@ class MicelleParticle:
         """The particle's diameter in voxels: its extent at a quarter of the detergent's density.
 
         ``parts`` from :meth:`render_parts`. The micelle is the widest and faintest
-        part, so a threshold relative to the map's maximum (set by the protein)
-        could miss it; without a micelle, 5 % of the maximum as for any map.
+        part: 5 % of the map's maximum (set by the protein's densest beads) lies
+        inside its soft edge and measures the protein. Without a micelle, 5 % of
+        the maximum as for any map.
         """
         vol = sum(parts.values())
         detergent = float(parts["micelle"].max())
