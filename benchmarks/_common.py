@@ -12,10 +12,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NAPARI_CLASS2D_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-#: benchmark data sets: map file under shared/data/maps (None: built-in phantom), the map's
-#: voxel size when its header has none, and the simulation pixel size and box
+#: benchmark data sets: map file under shared/data/maps (None: the simulator's built-in map
+#: of that name), the map's voxel size when its header has none, and the simulation pixel
+#: size and box
 MAPS = {
     "phantom": {"file": None, "map_apix": None, "apix": 3.0, "box": 96},
+    # a ~50 kDa membrane protein with a nanobody in a detergent micelle, ~100 Å across
+    "micelle": {"file": None, "map_apix": None, "apix": 1.3, "box": 96},
     "betagal": {
         "file": "relion_betagal_ref_model_100px_3.54A.mrc",
         "map_apix": None,
@@ -32,10 +35,11 @@ MAPS = {
 }
 
 
-def map_path(name: str) -> Path | None:
+def map_path(name: str) -> Path | str:
+    """The ``map_path`` to simulate ``name``: a file, or the name of a built-in map."""
     entry = MAPS[name]
     if entry["file"] is None:
-        return None
+        return name
     path = SHARED_DATA / "maps" / entry["file"]
     if not path.is_file():
         sys.exit(

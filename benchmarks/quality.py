@@ -9,8 +9,8 @@ default schedule; the result is scored with
 
 Usage::
 
-    python benchmarks/quality.py --map phantom [--hard] [--classes 50] [--out DIR]
-        [--seed 0] [--reuse] [--set key=value ...]
+    python benchmarks/quality.py --map {phantom,micelle,ribosome,betagal} [--hard]
+        [--classes 50] [--out DIR] [--seed 0] [--reuse] [--set key=value ...]
 
 Prints a summary and writes ``OUT/quality.json`` (scores, wall time of the
 classification, peak RSS of the classifying process, per-iteration timings).

@@ -17,7 +17,18 @@ import argparse
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument(
-        "--map", default=None, metavar="MAP", help="density map .mrc (default: built-in phantom)"
+        "--map",
+        default=None,
+        metavar="MAP",
+        help="density map .mrc, or a built-in map: phantom (default), micelle (a membrane "
+        "protein with a nanobody in a detergent micelle, ~100 Å; e.g. --box 96 --apix 1.3)",
+    )
+    parser.add_argument(
+        "--micelle-fraction",
+        type=float,
+        default=0.4,
+        metavar="F",
+        help="--map micelle: detergent density / protein density (0.4)",
     )
     parser.add_argument(
         "--map-apix",
@@ -89,6 +100,7 @@ def main(args: argparse.Namespace) -> int:
             seed=args.seed,
             n_micrographs=args.micrographs,
             map_pixel_size_A=args.map_apix,
+            micelle_fraction=args.micelle_fraction,
             ctf=not args.no_ctf,
             overwrite=args.overwrite,
         )

@@ -1,10 +1,11 @@
 """Simulate a ground-truth particle data set (RELION 3.1 files plus the truth).
 
-Each particle is a projection of a 3D map (the built-in phantom or a density
-map) along one of a few distinct view directions (with a small out-of-plane
-jitter), rotated in plane by ``psi``, shifted by ``t``, multiplied by a
-realistic CTF and buried in white Gaussian noise. A fraction of the particles
-are junk (empty boxes, blobs, aggregates, carbon edges). The pose formula,
+Each particle is a projection of a 3D map (a built-in map, see
+:data:`BUILTIN_MAPS`, or a density map) along one of a few distinct view
+directions (with a small out-of-plane jitter), rotated in plane by ``psi``,
+shifted by ``t``, multiplied by a realistic CTF and buried in white Gaussian
+noise. A fraction of the particles are junk (empty boxes, blobs, aggregates,
+carbon edges). The pose formula,
 file layout and the SNR definition are in ``docs/simulation.md``; the formula
 is in :func:`napari_class2d.sim.transforms.rotate_and_shift`.
 """
@@ -26,7 +27,8 @@ from napari_class2d.sim.ctf import shift_and_ctf
 from napari_class2d.sim.feed import stream_into
 from napari_class2d.sim.files import write_stack, write_star, write_text
 from napari_class2d.sim.junk import JUNK_KINDS, make_junk
-from napari_class2d.sim.maps import content_resolution_A, load_map
+from napari_class2d.sim.maps import MapError, content_resolution_A, load_map
+from napari_class2d.sim.micelle import micelle_particle
 from napari_class2d.sim.phantom import default_phantom
 from napari_class2d.sim.project import FourierProjector
 from napari_class2d.sim.threads import torch_threads
@@ -39,7 +41,18 @@ from napari_class2d.sim.transforms import (
 )
 from napari_class2d.sim.views import choose_view_directions, exact_counts, view_populations
 
-__all__ = ["SimulationParams", "SimulationResult", "simulate_dataset", "stream_into"]
+__all__ = [
+    "BUILTIN_MAPS",
+    "SimulationParams",
+    "SimulationResult",
+    "simulate_dataset",
+    "stream_into",
+]
+
+#: maps made on the fly, chosen by name instead of a file (``map_path="micelle"``):
+#: ``phantom`` (:mod:`~napari_class2d.sim.phantom`, the default) and ``micelle`` (a
+#: membrane protein with a nanobody in a detergent micelle, :mod:`~napari_class2d.sim.micelle`)
+BUILTIN_MAPS = ("phantom", "micelle")
 
 #: micrograph size in pixels used for the (fictitious) particle coordinates
 MICROGRAPH_SIZE_PX = 4096
@@ -75,6 +88,14 @@ class SimulationParams:
     map_path: str | None = None
     map_pixel_size_A: float | None = None
     phantom_diameter_A: float | None = None
+    micelle_fraction: float = 0.4
+
+    @property
+    def builtin_map(self) -> str | None:
+        """``"phantom"``, ``"micelle"`` or ``None`` (``map_path`` is a file)."""
+        if self.map_path is None:
+            return "phantom"
+        return self.map_path if self.map_path in BUILTIN_MAPS else None
 
     def validate(self) -> SimulationParams:
         def need(cond: bool, name: str, why: str) -> None:
@@ -101,6 +122,12 @@ class SimulationParams:
         need(self.view_jitter_deg >= 0, "view_jitter_deg", "must be >= 0 degrees")
         need(self.jitter_samples_per_view >= 1, "jitter_samples_per_view", "must be >= 1")
         need(0 <= self.amplitude_contrast < 1, "amplitude_contrast", "must be in [0, 1)")
+        need(0 <= self.micelle_fraction <= 1, "micelle_fraction", "must be in [0, 1]")
+        need(
+            self.phantom_diameter_A is None or self.builtin_map == "phantom",
+            "phantom_diameter_A",
+            f"sizes the built-in phantom only (map: {self.map_path})",
+        )
         view_populations(self.n_views, self.rare_views, self.rare_fraction, self.junk_fraction)
         return self
 
@@ -133,7 +160,26 @@ class SimulationResult:
 
 
 def _volume(p: SimulationParams) -> tuple[torch.Tensor, dict]:
-    if p.map_path is None:
+    if p.builtin_map == "micelle":
+        particle = micelle_particle(p.micelle_fraction)
+        parts = particle.render_parts(p.box, p.pixel_size_A)
+        vol = sum(parts.values())
+        # the micelle is wider than the protein: the measured diameter is the micelle's
+        diameter_px = particle.diameter_px(parts)
+        if diameter_px > p.box:
+            raise MapError(
+                f"map micelle: the particle is about {diameter_px * p.pixel_size_A:.0f} Å across "
+                f"but the box is {p.box} px x {p.pixel_size_A} Å = {p.box * p.pixel_size_A:.0f} Å;"
+                " use a larger box or pixel size"
+            )
+        vol = vol / vol.max()
+        return vol, {
+            "source": "micelle",
+            "particle_diameter_A": diameter_px * p.pixel_size_A,
+            "content_resolution_A": content_resolution_A(vol, p.pixel_size_A),
+            "micelle": particle.summary(),
+        }
+    if p.builtin_map == "phantom":
         diameter = p.phantom_diameter_A or 0.6 * p.box * p.pixel_size_A
         vol = default_phantom().render(p.box, p.pixel_size_A, 0.5 * diameter)
         vol = vol / vol.max()
@@ -343,6 +389,7 @@ def simulate_dataset(
     *,
     map_pixel_size_A: float | None = None,
     phantom_diameter_A: float | None = None,
+    micelle_fraction: float = 0.4,
     max_astigmatism_A: float = 300.0,
     voltage_kV: float = 300.0,
     cs_mm: float = 2.7,
@@ -361,7 +408,10 @@ def simulate_dataset(
         Output folder (created). Refuses to overwrite an earlier simulation
         unless ``overwrite=True``.
     map_path
-        Density map (``.mrc``) to project; ``None``: the built-in asymmetric phantom.
+        Density map (``.mrc``) to project, or the name of a built-in map
+        (:data:`BUILTIN_MAPS`): ``"phantom"`` (also ``None``: the asymmetric
+        phantom) or ``"micelle"`` (a membrane protein with a nanobody in a
+        detergent micelle, ~100 Å across; box and pixel size must hold it).
     n_particles, box, pixel_size_A
         Number of images, their edge (even, px) and pixel size (Å).
     snr
@@ -388,7 +438,10 @@ def simulate_dataset(
     map_pixel_size_A
         Voxel size of ``map_path`` when its header has none (or is wrong).
     phantom_diameter_A
-        Phantom diameter (default 60 % of the box).
+        Phantom diameter (default 60 % of the box; the built-in phantom only).
+    micelle_fraction
+        ``map_path="micelle"``: density of the detergent as a fraction of the
+        protein's mean density (see :class:`~napari_class2d.sim.micelle.MicelleParticle`).
     max_astigmatism_A, voltage_kV, cs_mm, amplitude_contrast
         Optics: ``defocus U - V`` up to this many Å, kV, mm, fraction.
     ctf
@@ -433,6 +486,7 @@ def simulate_dataset(
                 map_path=str(map_path) if map_path is not None else None,
                 map_pixel_size_A=map_pixel_size_A,
                 phantom_diameter_A=phantom_diameter_A,
+                micelle_fraction=float(micelle_fraction),
             ).validate(),
             overwrite=overwrite,
             progress=progress,
