@@ -129,6 +129,12 @@ def score_summary(score: dict) -> dict:
         "purity": round(score["purity"], 3),
         "junk_in_recovered_classes": round(score["junk_in_recovered_classes"], 3),
         "junk_share_of_recovered_classes": round(score["junk_share_of_recovered_classes"], 4),
+        "non_aggregate_junk_in_recovered_classes": round(
+            score["non_aggregate_junk_in_recovered_classes"], 3
+        ),
+        "aggregates_in_recovered_classes": round(
+            score["junk_by_kind"].get("aggregate", {}).get("in_recovered_classes", 0.0), 3
+        ),
     }
 
 

@@ -156,6 +156,28 @@ def test_junk_in_a_recovered_class_is_counted(sim, tmp_path):
     assert sc["purity"] < 1.0
 
 
+def test_junk_in_recovered_classes_by_kind(sim, tmp_path):
+    """Each junk kind's share in recovered classes, and the share without aggregates."""
+    classes, labels, _ = _perfect(sim, np.random.default_rng(0))
+    truth = starfile.read(sim.truth_star)
+    kind = truth["sim_junk_kind"].to_numpy()
+    dominant = int(truth.loc[truth.sim_view >= 0, "sim_view"].value_counts().idxmax())
+    moved = labels.copy()
+    moved[kind == "aggregate"] = dominant + 1  # every aggregate joins the dominant view
+    blobs = np.nonzero(kind == "blob")[0]
+    moved[blobs[:1]] = dominant + 1  # and one blob
+    star, mrcs = _write(tmp_path, sim, classes, moved)
+    sc = score_classification(sim.out_dir, star, mrcs)
+    by_kind = sc["junk_by_kind"]
+    assert set(by_kind) == {"noise", "blob", "aggregate", "edge"}
+    assert sum(v["n"] for v in by_kind.values()) == sc["n_junk"]
+    assert by_kind["aggregate"]["in_recovered_classes"] == 1.0
+    assert by_kind["blob"]["in_recovered_classes"] == pytest.approx(1 / len(blobs))
+    assert by_kind["noise"]["in_recovered_classes"] == 0.0
+    not_aggregate = np.count_nonzero((kind != "none") & (kind != "aggregate"))
+    assert sc["non_aggregate_junk_in_recovered_classes"] == pytest.approx(1 / not_aggregate)
+
+
 def test_split_view_and_minimum_share(sim, tmp_path):
     """A view split over two pure classes is recovered; a tiny pure class alone is not."""
     classes, labels, _ = _perfect(sim, np.random.default_rng(0))

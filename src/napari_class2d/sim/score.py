@@ -264,7 +264,10 @@ def score_classification(
         ``n_views``, ``views_recovered``, ``n_rare_views``, ``rare_views_recovered``,
         ``purity`` (particle-weighted class purity, junk one label),
         ``junk_in_recovered_classes`` (fraction of junk particles in classes
-        that recover a view), ``junk_share_of_recovered_classes`` (fraction of the
+        that recover a view), ``non_aggregate_junk_in_recovered_classes`` (the same for
+        the junk that is not an aggregate: empty boxes, blobs, edges), ``junk_by_kind``
+        (per junk kind: its count and the fraction in those classes),
+        ``junk_share_of_recovered_classes`` (fraction of the
         particles in those classes that are junk: the contamination of a selection
         of the recovered classes), ``median_class_resolution_A`` (recovered
         classes, FRC 0.5 against the truth), ``pose_error`` (particles of
@@ -335,6 +338,11 @@ def _score(
         )
     t_idx = lookup.loc[data_key].to_numpy()
     label = truth["sim_view"].to_numpy()[t_idx].astype(np.int64)
+    junk_kind = (
+        truth["sim_junk_kind"].to_numpy()[t_idx]
+        if "sim_junk_kind" in truth
+        else np.where(label < 0, "junk", "none")
+    )
     label = np.where(label < 0, V, label)  # junk is label V
 
     with mrcfile.open(classes_mrcs, permissive=True) as mrc:
@@ -421,6 +429,16 @@ def _score(
     n_in_rec = int(n_class[rec_classes].sum())
     junk_share = float(counts[rec_classes, V].sum() / n_in_rec) if n_in_rec else 0.0
     rec_res = [float(res[k, v]) for v, ks in recovered_class_of.items() for k in ks]
+    in_rec = np.isin(c_of, rec_classes)
+    junk_by_kind = {
+        str(kind): {
+            "n": int((junk_kind == kind).sum()),
+            "in_recovered_classes": float(in_rec[junk_kind == kind].mean()),
+        }
+        for kind in sorted(set(junk_kind[label == V].tolist()))
+    }
+    not_aggregate = (label == V) & (junk_kind != "aggregate")
+    junk_no_agg = float(in_rec[not_aggregate].mean()) if not_aggregate.any() else 0.0
 
     per_class = []
     for k in range(K):
@@ -451,6 +469,8 @@ def _score(
         "n_junk": n_junk,
         "junk_in_recovered_classes": junk_in_rec,
         "junk_share_of_recovered_classes": junk_share,
+        "non_aggregate_junk_in_recovered_classes": junk_no_agg,
+        "junk_by_kind": junk_by_kind,
         "median_class_resolution_A": float(np.median(rec_res)) if rec_res else None,
         "class_pixel_size_A": float(class_apix),
         "pose_error": pose,
