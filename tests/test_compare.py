@@ -78,3 +78,44 @@ def test_refuses_mismatched_boxes(views):
     with pytest.raises(ValueError, match="same even size"):
         match_images(views, views[:, :-2, :-2], APIX)
     np.testing.assert_equal(views.shape[-1], BOX)
+
+
+def test_score_is_the_correlation_at_the_best_allowed_shift(views):
+    """Against a round reference (no rotation matters) the score is the best normalised
+    correlation over the allowed shifts, found by brute force, also when the best shift lies
+    on the edge of the allowed range (a refinement there must not overshoot)."""
+    from napari_class2d.compare import _normalise_in, bandpass_weights, soft_disc
+
+    r = torch.arange(BOX, dtype=torch.float32) - BOX // 2
+    blob = torch.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * (35.0 / APIX) ** 2))
+    band, max_shift_A = (100.0, 15.0), 25.0
+    off_centre = torch.roll(views, 12, dims=-1)  # 42 Å away: the best allowed shift is on the edge
+    m = match_images(
+        off_centre,
+        blob[None],
+        APIX,
+        mask_diameter_A=DIAMETER,
+        band_A=band,
+        max_shift_A=max_shift_A,
+    )
+    w = bandpass_weights(BOX, APIX, band)
+    mask = soft_disc(BOX, DIAMETER / APIX, 0.05 * BOX)
+
+    def prep(x):
+        return _normalise_in(
+            torch.fft.irfftn(torch.fft.rfftn(x, dim=(-2, -1)) * w, s=(BOX, BOX)), mask
+        )
+
+    a, b = prep(off_centre), prep(blob[None])[0]
+    lim = max_shift_A / APIX
+    best = torch.full((len(views),), -2.0)
+    for dy in range(-8, 9):
+        for dx in range(-8, 9):
+            if dx * dx + dy * dy <= lim**2:
+                cc = (a * torch.roll(b, (dy, dx), (-2, -1))).sum(dim=(-2, -1))
+                best = torch.maximum(best, cc)
+    # sub-pixel refinement may add a little to the integer-shift optimum, never much
+    assert (m.score[:, 0] >= best - 0.02).all() and (m.score[:, 0] <= best + 0.05).all(), (
+        m.score[:, 0],
+        best,
+    )

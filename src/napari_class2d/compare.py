@@ -114,28 +114,41 @@ def _rotation_grid(angles_deg: torch.Tensor, box: int, big: int) -> torch.Tensor
     return grid.reshape(1, -1, box, 2)
 
 
+def _vertex(a, b, c, a_ok=None, c_ok=None):
+    """Offset (within half a step) and gain over ``b`` of the parabola through values at -1, 0, 1.
+
+    The parabola is evaluated at the clamped offset, so a nearly flat triple (a round
+    reference turned) cannot blow up the height; it is not followed towards a neighbour
+    outside the allowed range (``a_ok``, ``c_ok``), so an edge peak stays on the edge.
+    """
+    den = a - 2 * b + c
+    ok = den < -1e-12
+    off = torch.where(ok, 0.5 * (a - c) / torch.where(ok, den, -1.0), 0.0).clamp(-0.5, 0.5)
+    if a_ok is not None:
+        off = torch.where(((off < 0) & ~a_ok) | ((off > 0) & ~c_ok), 0.0, off)
+    gain = 0.5 * (c - a) * off + 0.5 * den * off**2
+    return off, torch.where(ok, gain, 0.0).clamp(min=0.0)
+
+
 def _peak(cc: torch.Tensor, allowed: torch.Tensor):
     """Highest allowed value of ``(..., S, S)`` maps, refined by a parabola along x and y.
 
-    Returns the refined height and the peak position ``(x, y)`` in signed grid steps.
+    The neighbours of the peak are read from the map as it is (a disallowed neighbour is not
+    a -2 that would inflate an edge peak). Returns the refined height and the peak
+    position ``(x, y)`` in signed grid steps.
     """
     size = cc.shape[-1]
     lead = cc.shape[:-2]
-    m = cc.masked_fill(~allowed, -2.0).reshape(-1, size, size)
-    best, where = m.flatten(1).max(dim=1)
+    raw = cc.reshape(-1, size, size)
+    best, where = raw.masked_fill(~allowed, -2.0).flatten(1).max(dim=1)
     iy, ix = where // size, where % size
-    k = torch.arange(m.shape[0], device=cc.device)
+    k = torch.arange(raw.shape[0], device=cc.device)
 
-    def vertex(a, b, c):
-        den = a - 2 * b + c
-        ok = den < -1e-12
-        den = torch.where(ok, den, -1.0)
-        off = torch.where(ok, 0.5 * (a - c) / den, 0.0).clamp(-0.5, 0.5)
-        gain = torch.where(ok, -0.125 * (a - c) ** 2 / den, 0.0)
-        return off, gain
-
-    dx, gx = vertex(m[k, iy, (ix - 1) % size], best, m[k, iy, (ix + 1) % size])
-    dy, gy = vertex(m[k, (iy - 1) % size, ix], best, m[k, (iy + 1) % size, ix])
+    left, right, up, down = (ix - 1) % size, (ix + 1) % size, (iy - 1) % size, (iy + 1) % size
+    dx, gx = _vertex(
+        raw[k, iy, left], best, raw[k, iy, right], allowed[iy, left], allowed[iy, right]
+    )
+    dy, gy = _vertex(raw[k, up, ix], best, raw[k, down, ix], allowed[up, ix], allowed[down, ix])
     r = torch.fft.fftfreq(size, device=cc.device) * size
     height = (best + gx + gy).clamp(max=1.0)
     return height.reshape(lead), (r[ix] + dx).reshape(lead), (r[iy] + dy).reshape(lead)
@@ -263,11 +276,8 @@ def match_images(
             )
             height3, sx3, sy3 = _peak(cc3 * scale, allowed)  # (nc, mc, 3)
             a, b, c = height3.unbind(-1)
-            den = a - 2 * b + c
-            ok = den < -1e-12
-            off = torch.where(ok, 0.5 * (a - c) / torch.where(ok, den, -1.0), 0.0).clamp(-0.5, 0.5)
-            height = torch.where(ok, b - 0.125 * (a - c) ** 2 / torch.where(ok, den, -1.0), b)
-            height = torch.maximum(height.clamp(max=1.0), b)
+            off, gain = _vertex(a, b, c)
+            height = (b + gain).clamp(max=1.0)
             sx, sy = sx3[..., 1], sy3[..., 1]
             score[n0 : n0 + nc, m0 : m0 + mc] = height
             psi[n0 : n0 + nc, m0 : m0 + mc] = (angles[best_r] + off * (360.0 / n_rot)) % 360.0
