@@ -21,9 +21,8 @@
      images' dark halo) against the same references: a class "matches a real view better
      than a blob" when its score beats the blob's, and the margin says by how much. For
      scale, each tutorial average is scored against the other 31 and the projections too;
-   - noise texture: :func:`napari_class2d.texture.outer_energy_fraction` above
-     :data:`~napari_class2d.texture.NOISE_TEXTURE_THRESHOLD`; blank (empty class written as
-     a constant image);
+   - noise texture (:func:`napari_class2d.texture.texture_measures`: contrast that fills the
+     mask, or power in fine detail); blank (an empty class written as a constant image);
    - agreement with the tutorial's RELION classification (``rlnClassNumber`` of the
      extracted STAR): normalised mutual information (and what shuffled labels give), and for
      each of RELION's ten largest classes the share of its particles in our class that holds
@@ -177,9 +176,9 @@ def measure(job_dir: Path, particles_star: Path, n_directions: int) -> dict:
 
     from napari_class2d.compare import match_images
     from napari_class2d.texture import (
+        FINE_POWER_THRESHOLD,
         NOISE_TEXTURE_THRESHOLD,
-        blank_averages,
-        outer_energy_fraction,
+        texture_measures,
     )
 
     res = read_result(job_dir)
@@ -210,8 +209,8 @@ def measure(job_dir: Path, particles_star: Path, n_directions: int) -> dict:
     blob_names = list(blobs)
     blob_img = torch.from_numpy(np.stack(list(blobs.values())).astype(np.float32))
 
-    blank = blank_averages(avg)
-    oef = outer_energy_fraction(avg, apix, DIAMETER_A)
+    tex = texture_measures(avg, apix, DIAMETER_A)
+    blank, oef, fpf = tex["blank"], tex["outer_energy_fraction"], tex["fine_power_fraction"]
     live = np.nonzero((counts > 0) & ~blank)[0]
     t0 = time.perf_counter()
     x = torch.from_numpy(avg[live])
@@ -238,7 +237,8 @@ def measure(job_dir: Path, particles_star: Path, n_directions: int) -> dict:
             "n_particles": int(counts[k]),
             "blank": bool(blank[k]),
             "outer_energy_fraction": None if np.isnan(oef[k]) else round(float(oef[k]), 3),
-            "noise_texture": bool(np.nan_to_num(oef[k]) > NOISE_TEXTURE_THRESHOLD),
+            "fine_power_fraction": None if np.isnan(fpf[k]) else round(float(fpf[k]), 3),
+            "noise_texture": bool(tex["noise_texture"][k]),
         }
         if k in live:
             i = int(np.searchsorted(live, k))
@@ -320,15 +320,16 @@ def measure(job_dir: Path, particles_star: Path, n_directions: int) -> dict:
         "top10_share_by_particles": [e["share_in_it"] for e in top],
         "top10_share_by_image": [e["share_in_class_by_image"] for e in top],
     }
+    tut_tex = texture_measures(tut["images"], apix, DIAMETER_A)
     reference = {
         "what": "the 32 tutorial averages (real views) scored as our classes are",
         "tutorial_vs_other_tutorial_median": _median(t_t.max(dim=1).values.tolist()),
         "tutorial_vs_other_tutorial_min": round(float(t_t.max(dim=1).values.min()), 3),
         "tutorial_vs_projections_median": _median(t_p.max(dim=1).values.tolist()),
         "tutorial_vs_projections_min": round(float(t_p.max(dim=1).values.min()), 3),
-        "outer_energy_fraction_max": round(
-            float(np.nanmax(outer_energy_fraction(tut["images"], apix, DIAMETER_A))), 3
-        ),
+        "outer_energy_fraction_max": round(float(np.nanmax(tut_tex["outer_energy_fraction"])), 3),
+        "fine_power_fraction_max": round(float(np.nanmax(tut_tex["fine_power_fraction"])), 3),
+        "flagged_as_noise_texture": int(tut_tex["noise_texture"].sum()),
     }
     baseline = {
         "what": "best score of a round blob against the same references, searched the same way",
@@ -358,7 +359,10 @@ def measure(job_dir: Path, particles_star: Path, n_directions: int) -> dict:
             "blob_diameter_A": round(blob_d, 1),
             "blobs": blob_names,
             "rotation_step_deg": {"tutorial": 3.0, "projections": 5.0},
-            "noise_texture_threshold": NOISE_TEXTURE_THRESHOLD,
+            "noise_texture_thresholds": {
+                "outer_energy_fraction": NOISE_TEXTURE_THRESHOLD,
+                "fine_power_fraction": FINE_POWER_THRESHOLD,
+            },
             "matching_s": round(match_s, 1),
         },
         "_arrays": {"averages": avg, "tutorial": tut, "projections": proj, "apix": apix},
@@ -404,7 +408,12 @@ def montage(result: dict, png: Path, title: str) -> Path:
         for ax in (a, b, c):
             ax.axis("on")
         k = e["class"] - 1
-        flag = "TEXTURE" if e["noise_texture"] else f"oef {e['outer_energy_fraction']:.2f}"
+        flag = (
+            f"{'TEXTURE ' if e['noise_texture'] else ''}oef {e['outer_energy_fraction']:.2f} "
+            f"fine {e['fine_power_fraction']:.2f}"
+            if e["outer_energy_fraction"] is not None
+            else "blank"
+        )
         show(
             a,
             avg[k],
@@ -513,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     print("real views:", json.dumps(result["tutorial_averages_as_classes"]))
     base_t, base_p = result["_baseline"]
     print(
-        f" class     n   oef  texture  best tutorial  margin over blob ({base_t:.2f})  "
+        f" class     n   oef  fine  texture  best tutorial  margin over blob ({base_t:.2f})  "
         f"best projection  margin over blob ({base_p:.2f})"
     )
     for e in sorted(result["per_class"], key=lambda e: -e["n_particles"]):
@@ -524,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(
             f"  {e['class']:3d} {e['n_particles']:5d}  {e['outer_energy_fraction']:.2f}  "
+            f"{e['fine_power_fraction']:.2f}  "
             f"{'TEXTURE' if e['noise_texture'] else '-':7s}  T{e['tutorial_class']:<3d} "
             f"{e['tutorial_score']:.2f}      {e['margin']:+.2f} "
             f"{'(better)' if e['better_than_blob'] else '        '}"

@@ -26,12 +26,7 @@ import numpy as np
 import pytest
 
 from napari_class2d.compare import soft_disc
-from napari_class2d.texture import (
-    NOISE_TEXTURE_THRESHOLD,
-    blank_averages,
-    noise_texture_flags,
-    outer_energy_fraction,
-)
+from napari_class2d.texture import blank_averages, noise_texture_flags, texture_measures
 
 BETAGAL = Path("real_micrographs") / "betagal_empiar10017_cryosegnet"
 N_PARTICLES, K, DIAMETER_A, APIX, BOX = 600, 10, 200.0, 3.54, 100
@@ -141,16 +136,18 @@ def classified(subset, tmp_path_factory) -> dict:
     averages = mrcfile.read(paths["classes"]).astype(np.float32)
     table = starfile.read(paths["data"], always_dict=True)["particles"]
     counts = np.bincount(table["rlnClassNumber"].to_numpy(int), minlength=K + 1)[1:]
-    oef = outer_energy_fraction(averages, APIX, DIAMETER_A)
+    tex = texture_measures(averages, APIX, DIAMETER_A)
     summary = (
         f"{N_PARTICLES} β-gal particles, K = {K}, {seconds:.0f} s; work-arounds: "
         f"{workarounds or 'none'}; classes populated per iteration {populated_per_iteration}; "
         f"final class sizes {counts.tolist()}; blank averages "
-        f"{np.nonzero(blank_averages(averages))[0].tolist()}; outer energy fractions "
-        f"{np.round(oef, 2).tolist()} (noise texture above {NOISE_TEXTURE_THRESHOLD})"
+        f"{np.nonzero(tex['blank'])[0].tolist()}; outer energy fractions "
+        f"{np.round(tex['outer_energy_fraction'], 2).tolist()}, fine power fractions "
+        f"{np.round(tex['fine_power_fraction'], 2).tolist()}; noise textures "
+        f"{np.nonzero(tex['noise_texture'])[0].tolist()}"
     )
     print("\n" + summary)
-    return {"averages": averages, "counts": counts, "oef": oef, "summary": summary}
+    return {"averages": averages, "counts": counts, "texture": tex, "summary": summary}
 
 
 def test_most_classes_are_populated(classified):
@@ -189,11 +186,12 @@ def test_texture_check_fails_noise_and_stripes_and_passes_real_averages(subset, 
         for p, a in ((25.0, 0.4), (40.0, 2.0))
     ]
     negatives = np.concatenate([noise.mean(1), np.stack(stripes)]) * engine_mask()
-    oef_neg = outer_energy_fraction(negatives, APIX, DIAMETER_A)
-    assert noise_texture_flags(negatives, APIX, DIAMETER_A).all(), oef_neg
+    neg = texture_measures(negatives, APIX, DIAMETER_A)
+    assert neg["noise_texture"].all(), neg
 
     tutorial = mrcfile.read(shared_data / BETAGAL / "relion_tutorial_class_averages.mrcs")
     for real in (tutorial, tutorial * engine_mask()):
-        oef = outer_energy_fraction(real, APIX, DIAMETER_A)
-        assert not noise_texture_flags(real, APIX, DIAMETER_A).any(), oef
-    assert oef_neg.min() > 2 * np.nanmax(oef), (oef_neg, oef)
+        pos = texture_measures(real, APIX, DIAMETER_A)
+        assert not pos["noise_texture"].any(), pos
+    oef_neg, oef_pos = neg["outer_energy_fraction"], pos["outer_energy_fraction"]
+    assert oef_neg.min() > 2 * np.nanmax(oef_pos), (oef_neg, oef_pos)
