@@ -118,16 +118,31 @@ def classify(particles, settings: dict, out_dir: Path, log=print) -> dict:
 
 
 def read_result(job_dir: Path) -> dict:
-    """Class averages ``(K, D, D)``, their pixel size and the particle table of a job."""
+    """Class averages ``(K, D, D)``, their pixel size, the particle table of a job and the
+    engine's own resolution estimate per class (Å, from ``run_model.star``)."""
     import mrcfile
     import starfile
+
+    from napari_class2d.selection import load_result
 
     with mrcfile.open(job_dir / "run_classes.mrcs", permissive=True) as mrc:
         averages = np.asarray(mrc.data, dtype=np.float32).copy()
         apix = float(mrc.voxel_size.x)
     data = starfile.read(job_dir / "run_data.star", always_dict=True)
     table = data.get("particles", next(iter(data.values())))
-    return {"averages": averages, "pixel_size_A": apix, "particles": table}
+    resolution = load_result(job_dir).class_resolution_A
+    return {
+        "averages": averages,
+        "pixel_size_A": apix,
+        "particles": table,
+        "resolution_A": np.asarray(resolution, dtype=float),
+    }
+
+
+def finite(value, digits: int = 1) -> float | None:
+    """``value`` rounded, or None when it is not finite (JSON has no infinity)."""
+    value = float(value)
+    return round(value, digits) if math.isfinite(value) else None
 
 
 # -- references --------------------------------------------------------------------------

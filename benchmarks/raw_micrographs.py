@@ -56,6 +56,7 @@ from _common import REPO, machine, parse_overrides, peak_rss_mb, write_json
 from _realdata import (
     class_gallery,
     classify,
+    finite,
     normalised_mutual_information,
     nyquist_setting,
     read_particles,
@@ -319,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         entry = {
             "class": k + 1,
             "n_particles": int(counts[k]),
+            "resolution_A": finite(res["resolution_A"][k]),
             "outer_energy_fraction": None if np.isnan(oef[k]) else round(float(oef[k]), 3),
             "fine_power_fraction": None if np.isnan(fpf[k]) else round(float(fpf[k]), 3),
             "noise_texture": bool(tex["noise_texture"][k]),

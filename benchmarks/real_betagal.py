@@ -55,6 +55,7 @@ from _common import REPO, SHARED_DATA, machine, parse_overrides, peak_rss_mb, wr
 from _realdata import (
     classify,
     equivalent_diameter_A,
+    finite,
     map_projections,
     normalised_mutual_information,
     nyquist_setting,
@@ -236,6 +237,7 @@ def measure(job_dir: Path, particles_star: Path, n_directions: int) -> dict:
             "class": k + 1,
             "n_particles": int(counts[k]),
             "blank": bool(blank[k]),
+            "resolution_A": finite(res["resolution_A"][k]),
             "outer_energy_fraction": None if np.isnan(oef[k]) else round(float(oef[k]), 3),
             "fine_power_fraction": None if np.isnan(fpf[k]) else round(float(fpf[k]), 3),
             "noise_texture": bool(tex["noise_texture"][k]),
