@@ -394,8 +394,14 @@ def montage(result: dict, png: Path, title: str) -> Path:
     )
     per_row = 5
     nrow = max(1, -(-len(shown) // per_row))
+    # three panels per class, a narrow empty column between classes
+    ratios = ([1.0, 1.0, 1.0, 0.22] * per_row)[:-1]
     fig, axes = plt.subplots(
-        nrow, 3 * per_row, figsize=(0.95 * 3 * per_row + 0.4, 1.32 * nrow + 0.9), squeeze=False
+        nrow,
+        len(ratios),
+        figsize=(0.98 * sum(ratios) + 0.3, 1.36 * nrow + 0.85),
+        squeeze=False,
+        gridspec_kw={"width_ratios": ratios, "wspace": 0.06, "hspace": 0.38},
     )
     for ax in axes.ravel():
         ax.axis("off")
@@ -406,16 +412,13 @@ def montage(result: dict, png: Path, title: str) -> Path:
 
     for j, e in enumerate(shown):
         row, col = divmod(j, per_row)
-        a, b, c = axes[row, 3 * col : 3 * col + 3]
+        a, b, c = axes[row, 4 * col : 4 * col + 3]
         for ax in (a, b, c):
             ax.axis("on")
         k = e["class"] - 1
-        flag = (
-            f"{'TEXTURE ' if e['noise_texture'] else ''}oef {e['outer_energy_fraction']:.2f} "
-            f"fine {e['fine_power_fraction']:.2f}"
-            if e["outer_energy_fraction"] is not None
-            else "blank"
-        )
+        flag = "TEXTURE" if e["noise_texture"] else "no texture"
+        if e["outer_energy_fraction"] is None:
+            flag = "blank"
         show(
             a,
             avg[k],
@@ -433,7 +436,7 @@ def montage(result: dict, png: Path, title: str) -> Path:
         show(
             b,
             tut_img,
-            f"T{e['tutorial_class']} {e['tutorial_score']:.2f}\n{e['margin']:+.2f} over blob",
+            f"T{e['tutorial_class']} {e['tutorial_score']:.2f}\n{e['margin']:+.2f}",
             "green" if e["better_than_blob"] else "red",
         )
         proj_img = posed(
@@ -445,11 +448,11 @@ def montage(result: dict, png: Path, title: str) -> Path:
         show(
             c,
             proj_img,
-            f"map {e['projection_score']:.2f}\n{e['projection_margin']:+.2f} over blob",
+            f"map {e['projection_score']:.2f}\n{e['projection_margin']:+.2f}",
             "green" if e["projection_better_than_blob"] else "red",
         )
     fig.suptitle(title, fontsize=8.5)
-    fig.tight_layout(pad=0.3, h_pad=0.5, w_pad=0.15, rect=(0, 0, 1, 0.97))
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.75 / fig.get_figheight())
     out = save_figure(fig, png, dpi=90)
     plt.close(fig)
     return out
@@ -497,11 +500,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = nyquist_setting(float(np.max(particles.pixel_size_A)), settings, workarounds)
         settings.update(parse_overrides(args.set))
         print(f"classifying {len(particles)} particles: {settings}", flush=True)
+        engine = engine_version()
         run = classify(particles, settings, job_dir)
         run["workarounds"] = workarounds
         run["settings"] = settings
         run["peak_rss_MB"] = round(peak_rss_mb())
-        run["engine"] = engine_version()
+        run["engine"] = engine
         run["torch_threads"] = torch.get_num_threads()
         write_json(run_path, run)
         print(f"classified in {run['wall_s']} s wall, {run['cpu_s']} s CPU", flush=True)
@@ -555,9 +559,10 @@ def main(argv: list[str] | None = None) -> int:
         f"β-gal (EMPIAR-10017, {s['n_particles']} tutorial particles), K = {s['n_classes']}: "
         f"{s['classes_populated']} populated, {s['classes_with_20_or_more']} with ≥ 20, "
         f"{s['noise_textures_among_populated']} noise textures; NMI with RELION {s['nmi']:.3f}"
-        f"\neach class | best tutorial average | best map projection, posed on the class; "
-        f"score: NCC; margin over a round blob's best score ({base_t:.2f} | {base_p:.2f}); "
-        f"green: better than the blob"
+        f"\neach class (n particles, noise-texture check) | its best tutorial average | its best "
+        f"map projection, both posed on the class:\nnormalised cross-correlation and, below, the "
+        f"margin over a round blob's best ({base_t:.2f} | {base_p:.2f}); green: better than the "
+        f"blob"
     )
     png = montage(result, args.png or out / "real_betagal_classes.png", title)
     print(f"wrote {json_path} and {png}")
