@@ -240,7 +240,7 @@ def picks_figure(picks: dict, png: Path) -> Path:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    out = save_figure(fig, png, dpi=75)
+    out = save_figure(fig, png, dpi=60)
     plt.close(fig)
     return out
 
