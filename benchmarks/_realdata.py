@@ -1,9 +1,8 @@
 """Helpers of the real-data benchmarks (``real_betagal.py``, ``raw_micrographs.py``).
 
-Running the classifier on a RELION particle set with the project's defaults (and the
-work-arounds that today's engine still needs, each named), references to judge class
-averages against (map projections, round blobs), agreement between two labelings, and
-the pictures.
+Running the classifier on a RELION particle set with the project's defaults, references
+to judge class averages against (map projections, round blobs), agreement between two
+labelings, and the pictures.
 """
 
 from __future__ import annotations
@@ -17,62 +16,6 @@ import numpy as np
 
 
 # -- classifying -------------------------------------------------------------------------
-def read_particles(star: Path, workarounds: list[str]):
-    """``ParticleSet.from_file(star)``; if the reader refuses an optics table with voltage,
-    Cs and amplitude contrast but no defocus, read a copy without those three columns.
-
-    WORKAROUND (issue 12, fault 1): the reader wants all CTF parameters or none, and every
-    RELION 3.1 optics table carries voltage, Cs and amplitude contrast even when the
-    particles have no defocus, so ``--ctf off`` cannot even start. The copy
-    ``<star stem>_no_optics_ctf.star`` is written beside ``star`` (image paths stay valid).
-    Drop this once the reader accepts such files; ``workarounds`` records that it was used.
-    """
-    import starfile
-
-    from napari_class2d.io.errors import ParticleFileError
-    from napari_class2d.io.particles import ParticleSet
-
-    try:
-        return ParticleSet.from_file(star)
-    except ParticleFileError as err:
-        if "incomplete CTF parameters" not in str(err):
-            raise
-        blocks = starfile.read(star, always_dict=True)
-        optics = blocks["optics"].drop(
-            columns=["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"],
-            errors="ignore",
-        )
-        derived = star.with_name(f"{star.stem}_no_optics_ctf.star")
-        starfile.write({**blocks, "optics": optics}, derived, overwrite=True)
-        workarounds.append(
-            f"reader refused {star.name} (voltage/Cs/amplitude contrast without defocus): "
-            f"classified {derived.name}, the same particles without those optics columns"
-        )
-        print(f"WORKAROUND: {workarounds[-1]}", flush=True)
-        return ParticleSet.from_file(derived)
-
-
-def nyquist_setting(pixel_size_A: float, settings: dict, workarounds: list[str]) -> dict:
-    """Add ``max_res_A`` = Nyquist when the default maximum resolution is finer than it.
-
-    WORKAROUND (issue 12, fault 2): the default ``max_res_A`` (6 Å) does not follow binned
-    data; on 3.54 Å pixels (Nyquist 7.08 Å) the job stops with a ConfigError. Drop this once
-    the default follows the data.
-    """
-    from napari_class2d.engine.config import Class2DConfig
-
-    nyquist = 2.0 * pixel_size_A
-    default = Class2DConfig().max_res_A
-    if "max_res_A" not in settings and default is not None and default < nyquist - 1e-9:
-        settings = dict(settings, max_res_A=round(nyquist + 0.005, 2))
-        workarounds.append(
-            f"default max_res_A={default} Å is finer than the data's Nyquist {nyquist:.2f} Å: "
-            f"max_res_A={settings['max_res_A']} Å"
-        )
-        print(f"WORKAROUND: {workarounds[-1]}", flush=True)
-    return settings
-
-
 def classify(particles, settings: dict, out_dir: Path, log=print) -> dict:
     """Run a default job through the engine API; write its outputs into ``out_dir``.
 

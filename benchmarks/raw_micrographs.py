@@ -58,11 +58,11 @@ from _realdata import (
     classify,
     finite,
     normalised_mutual_information,
-    nyquist_setting,
-    read_particles,
     read_result,
     save_figure,
 )
+
+from napari_class2d.io.readers import read_particles
 
 MICROGRAPHS = ("epu2.9_example.mrc", "fei-extended.mrc")
 #: particle diameters (Å) read off the micrographs (radial profile of the picks' average)
@@ -284,15 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     made = make_particle_set(mics, out / "particles", args.threshold)
     picks_png = picks_figure(made["picks"], args.picks_png or out / "raw_picks.png")
 
-    workarounds: list[str] = []
-    particles = read_particles(made["star"], workarounds)
+    particles = read_particles(made["star"])
     settings = {
         "n_classes": args.classes,
         "particle_diameter_A": JOB_DIAMETER_A,
         "ctf_correction": "off",
         "seed": args.seed,
     }
-    settings = nyquist_setting(APIX, settings, workarounds)
     settings.update(parse_overrides(args.set))
     print(f"classifying {len(particles)} particles: {settings}", flush=True)
     run = classify(particles, settings, out / "class2d")
@@ -364,7 +362,6 @@ def main(argv: list[str] | None = None) -> int:
         "picking": {"threshold": args.threshold, "pixel_size_A": APIX, "box": BOX},
         "classification": {
             **run,
-            "workarounds": workarounds,
             "settings": settings,
             "peak_rss_MB": round(peak_rss_mb()),
         },

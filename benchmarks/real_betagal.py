@@ -6,8 +6,8 @@
    inverted), into ``OUT/particles`` (``--reuse`` keeps an extraction already there).
 2. Classifies them through the engine API with the project's defaults: K = 50, particle
    diameter 200 Å, CTF off (the micrographs are denoised JPEGs; the file has no defocus),
-   seed 0. Work-arounds for faults of today's engine are applied only when needed and
-   printed (``_realdata.read_particles``, ``_realdata.nyquist_setting``).
+   seed 0; the maximum resolution follows the data (Nyquist 7.08 Å) and the CTF-less file
+   is classified without CTF correction, as a user's job would be.
 3. Judges each class average (``OUT/real_betagal.json``, printed):
    - populated: with at least 1 and at least 20 particles;
    - its best match (normalised cross-correlation after the best in-plane rotation and
@@ -58,14 +58,14 @@ from _realdata import (
     finite,
     map_projections,
     normalised_mutual_information,
-    nyquist_setting,
-    read_particles,
     read_result,
     round_blobs,
     save_figure,
     show,
     shuffled_nmi,
 )
+
+from napari_class2d.io.readers import read_particles
 
 DATA = SHARED_DATA / "real_micrographs" / "betagal_empiar10017_cryosegnet"
 TOOL = SHARED_DATA.parent / "tools" / "extract_particles.py"
@@ -489,20 +489,17 @@ def main(argv: list[str] | None = None) -> int:
         run = json.loads(run_path.read_text())
         print(f"reusing the classification in {job_dir} ({run['wall_s']} s)", flush=True)
     else:
-        workarounds: list[str] = []
-        particles = read_particles(star, workarounds)
+        particles = read_particles(star)
         settings = {
             "n_classes": args.classes,
             "particle_diameter_A": DIAMETER_A,
             "ctf_correction": "off",
             "seed": args.seed,
         }
-        settings = nyquist_setting(float(np.max(particles.pixel_size_A)), settings, workarounds)
         settings.update(parse_overrides(args.set))
         print(f"classifying {len(particles)} particles: {settings}", flush=True)
         engine = engine_version()
         run = classify(particles, settings, job_dir)
-        run["workarounds"] = workarounds
         run["settings"] = settings
         run["peak_rss_MB"] = round(peak_rss_mb())
         run["engine"] = engine

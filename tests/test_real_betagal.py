@@ -81,33 +81,6 @@ def test_default_job_starts_on_binned_particles_without_defocus(subset, tmp_path
     assert (out / "run_data.star").is_file() and (out / "run_classes.mrcs").is_file()
 
 
-def _read_particles(star: Path, workarounds: list[str]):
-    """The particle set; on today's reader via a copy without the optics CTF columns.
-
-    WORKAROUND (issue 12, fault 1): the reader refuses voltage/Cs/amplitude contrast without
-    defocus. ``test_default_job_starts_on_binned_particles_without_defocus`` asserts the
-    fault is gone; drop this then.
-    """
-    import starfile
-
-    from napari_class2d.io.errors import ParticleFileError
-    from napari_class2d.io.particles import ParticleSet
-
-    try:
-        return ParticleSet.from_file(star)
-    except ParticleFileError as err:
-        if "incomplete CTF parameters" not in str(err):
-            raise
-        blocks = starfile.read(star, always_dict=True)
-        blocks["optics"] = blocks["optics"].drop(
-            columns=["rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"]
-        )
-        derived = star.with_name("particles_no_optics_ctf.star")
-        starfile.write(blocks, derived, overwrite=True)
-        workarounds.append("optics CTF columns stripped")
-        return ParticleSet.from_file(derived)
-
-
 @pytest.fixture(scope="module")
 def classified(subset, tmp_path_factory) -> dict:
     """The shortened default job on the subset: averages, class sizes and what it took."""
@@ -116,16 +89,10 @@ def classified(subset, tmp_path_factory) -> dict:
 
     from napari_class2d.engine.config import Class2DConfig
     from napari_class2d.engine.job import Class2DJob
+    from napari_class2d.io.readers import read_particles
 
-    workarounds: list[str] = []
-    particles = _read_particles(subset, workarounds)
+    particles = read_particles(subset)
     settings = dict(SETTINGS)
-    # WORKAROUND (issue 12, fault 2): the default max_res_A (6 Å) is finer than this data's
-    # Nyquist (7.08 Å) and stops the job; the start test above asserts the fix. Drop it then.
-    default = Class2DConfig().max_res_A
-    if default is not None and default < 2 * APIX:
-        settings["max_res_A"] = 2 * APIX
-        workarounds.append(f"max_res_A={2 * APIX} Å")
     out = tmp_path_factory.mktemp("betagal_job")
     t0 = time.perf_counter()
     job = Class2DJob(particles, Class2DConfig(**settings), out_dir=out, overwrite=True)
@@ -138,8 +105,8 @@ def classified(subset, tmp_path_factory) -> dict:
     counts = np.bincount(table["rlnClassNumber"].to_numpy(int), minlength=K + 1)[1:]
     tex = texture_measures(averages, APIX, DIAMETER_A)
     summary = (
-        f"{N_PARTICLES} β-gal particles, K = {K}, {seconds:.0f} s; work-arounds: "
-        f"{workarounds or 'none'}; classes populated per iteration {populated_per_iteration}; "
+        f"{N_PARTICLES} β-gal particles, K = {K}, {seconds:.0f} s; "
+        f"classes populated per iteration {populated_per_iteration}; "
         f"final class sizes {counts.tolist()}; blank averages "
         f"{np.nonzero(tex['blank'])[0].tolist()}; outer energy fractions "
         f"{np.round(tex['outer_energy_fraction'], 2).tolist()}, fine power fractions "
