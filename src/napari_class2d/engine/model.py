@@ -33,7 +33,6 @@ from napari_class2d.engine.reconstruct import (
     clamp_solvent,
     class_power,
     current_radius,
-    data_vs_prior,
     orientable_ssnr,
     regularised_average,
     resolution_from_frc,
@@ -699,41 +698,85 @@ class Class2DModel:
     ) -> None:
         """Refill emptied classes by splitting the most populated class of this batch.
 
-        The donor's worse-fitting half (by log-likelihood) seeds the emptied class at
-        their current poses, so the two can specialise.
+        The donor's members, aligned by their current poses, are split in two along
+        their first principal component (:meth:`_split`): the donor keeps one part and
+        the emptied class takes the other, so a class that merged two views gives one to
+        each. Each part's statistics replace the classes' own, with the donor's weight
+        shared in proportion to the parts' sizes.
         """
         k = self.config.n_classes
-        mean = float(counts_soft.sum()) / k
-        empty = torch.nonzero(counts_soft < EMPTY_FRACTION * mean).flatten().tolist()
-        if not empty:
-            return
         best = assignments.best_class[indices]
         counts = np.bincount(best, minlength=k).astype(float)
+        # emptied: few particles have it as their best class (while posteriors are broad
+        # a class can keep soft weight without being any particle's class)
+        mean = len(indices) / k
+        soft = counts_soft.cpu().numpy()
+        empty = np.nonzero(np.minimum(counts, soft) < EMPTY_FRACTION * mean)[0].tolist()
+        if not empty:
+            return
         counts[empty] = 0  # an emptied class is never a donor
         for e in empty:  # loop over emptied classes (a handful), not particles
             donor = int(np.argmax(counts))
             members = indices[best == donor]
             if len(members) < 4:
                 return
-            ll = assignments.loglik[members]
-            worse = members[ll <= np.median(ll)]
+            second = self._split(pool, members, assignments)
+            groups = torch.from_numpy(np.where(second, e, donor))[:, None]
             num, den = self._accumulate(
                 pool,
-                worse,
-                torch.full((len(worse), 1), e),
-                torch.from_numpy(assignments.psi_deg[worse]).float()[:, None],
-                torch.from_numpy(assignments.shift_px[worse]).float()[:, None, :],
-                torch.ones((len(worse), 1)),
+                members,
+                groups,
+                torch.from_numpy(assignments.psi_deg[members]).float()[:, None],
+                torch.from_numpy(assignments.shift_px[members]).float()[:, None, :],
+                torch.ones((len(members), 1)),
             )
-            scale = float(self.den[:, donor].sum() / den[:, e].sum().clamp(min=1e-30)) / 2
-            self.num[:, e] = num[:, e] * scale
-            self.den[:, e] = den[:, e] * scale
+            total = float(self.den[:, donor].sum())
+            scale = total / float(den[:, [donor, e]].sum().clamp(min=1e-30))
+            for c in (donor, e):
+                self.num[:, c] = num[:, c] * scale
+                self.den[:, c] = den[:, c] * scale
             # the new class's signal prior starts from its donor's average
             self.references[e] = self.references[donor]
-            self.prior[e] = self.prior[donor] = float(self.prior[donor]) / 2
-            counts[donor] /= 2
-            best = np.where(np.isin(indices, worse), e, best)
+            share = float(second.mean())
+            self.prior[e] = float(self.prior[donor]) * share
+            self.prior[donor] = float(self.prior[donor]) * (1 - share)
+            counts[donor] *= 1 - share
+            best = np.where(np.isin(indices, members[second]), e, best)
         self.prior = self.prior / self.prior.sum()
+
+    def _split(
+        self, pool: ParticlePool, members: np.ndarray, assignments: ParticleAssignments
+    ) -> np.ndarray:
+        """Which of a class's members go to a new class: ``(M,)`` bool.
+
+        The members' CTF-weighted coefficients, turned to the class frame by their
+        poses, over the low half of the search band, are projected on their first
+        principal component; the side of the median splits them. A class holding two
+        views splits along the difference between the views; a homogeneous class
+        splits along its noise, as a random split would.
+        """
+        radius = 0.5 * min(self.current_radius, self._max_align_radius)
+        keep = self.grid.band(0.5, max(radius, 4.0))
+        weight = self._weight()
+        rows = []
+        for s in range(0, len(members), 128):
+            idx = members[s : s + 128]
+            x, ctf_vals, _ = pool.get(idx, self.device)
+            y, _ = self._data_terms(x, ctf_vals, torch.ones_like(weight, dtype=torch.bool))
+            sh = torch.from_numpy(assignments.shift_px[idx]).float().to(self.device)
+            ang = torch.from_numpy(assignments.psi_deg[idx]).float().to(self.device)
+            aligned = back_rotate(y * self.phases(sh), ang, self.grid)[:, keep]
+            rows.append(torch.view_as_real(aligned / weight[keep].sqrt()).flatten(1))
+        data = torch.cat(rows)
+        data = data - data.mean(0)
+        # first principal component by a few power iterations (members x frequencies)
+        v = data.sum(0) + 1e-6
+        v = data[0] if float(v.norm()) == 0 else v
+        for _ in range(20):
+            v = data.T @ (data @ v)
+            v = v / v.norm().clamp(min=1e-30)
+        proj = (data @ v).cpu().numpy()
+        return proj > np.median(proj)
 
     def _search_references(self) -> torch.Tensor:
         """``(2, K, D, D)``: the references the particles of half set ``h`` are aligned to.
@@ -801,12 +844,8 @@ class Class2DModel:
         self.resolution = resolution_from_frc(frc, g, self.pixel_size_A)
         self.references = images
         populated = self.prior > EMPTY_FRACTION / cfg.n_classes
-        import os
-
-        if os.environ.get("C2D_RADIUS", "asym") == "asym":
-            dvp = cfg.regularisation_factor * orientable_ssnr(self.num, self.den, g)
-        else:
-            dvp = data_vs_prior(total_den, tau2, g)
+        # the round part common to all particles carries no angle: only the rest counts
+        dvp = cfg.regularisation_factor * orientable_ssnr(self.num, self.den, g)
         self.current_radius = current_radius(
             dvp,
             populated,

@@ -98,21 +98,14 @@ def regularised_average(
     return num / (den + inv_tau2), inv_tau2
 
 
-def data_vs_prior(den: torch.Tensor, tau2: torch.Tensor, grid: FourierGrid) -> torch.Tensor:
-    """Spectral signal-to-noise ratio of each class average, ``<den> · τ²`` ``(K, rings)``.
-
-    Where it is below 1 the prior outweighs the data (RELION's ``data_vs_prior``).
-    """
-    return grid.ring_average(den) * tau2
-
-
 def current_radius(
     dvp: torch.Tensor, populated: torch.Tensor, increment: float, max_radius: float
 ) -> float:
     """Search radius (cycles per box): the last ring before a populated class's
-    ``data_vs_prior`` stays below 1 (two rings in a row, from ring :data:`FIRST_RING`
-    on: the lowest rings hold a handful of coefficients and their estimates are noise),
-    plus ``increment`` shells, at most ``max_radius``.
+    ``dvp`` (its spectral SNR times T, RELION's ``data_vs_prior``) stays below 1 (two
+    rings in a row, from ring :data:`FIRST_RING` on: the lowest rings hold a handful of
+    coefficients and their estimates are noise), plus ``increment`` shells, at most
+    ``max_radius``.
 
     ``dvp``: ``(K, rings)``; ``populated``: ``(K,)`` bool.
     """
