@@ -57,8 +57,12 @@ FULL_STEP_SIZE = 0.5
 MIN_WEIGHT = 0.01
 #: iterations aligned to the full averages before each half set is aligned to the other's
 CROSS_HALF_START = 3
-#: a class whose soft count falls below this fraction of the mean is "emptied"
+#: a class whose soft or hard count falls below this fraction of the mean is "emptied"
 EMPTY_FRACTION = 0.05
+#: at most one class in this many is re-seeded per iteration (see _reseed)
+MAX_RESEED_SHARE = 10
+#: members whose first principal component splits a class (see _split)
+SPLIT_SAMPLE = 256
 #: a particle keeps its best pose when at least this much of its rotation posterior (best
 #: class, coarse pass) lies within one coarse step of the best rotation; otherwise its
 #: rotations are marginalised (see Class2DModel.iterate)
@@ -711,11 +715,13 @@ class Class2DModel:
         # a class can keep soft weight without being any particle's class)
         mean = len(indices) / k
         soft = counts_soft.cpu().numpy()
-        empty = np.nonzero(np.minimum(counts, soft) < EMPTY_FRACTION * mean)[0].tolist()
-        if not empty:
+        empty = np.nonzero(np.minimum(counts, soft) < EMPTY_FRACTION * mean)[0]
+        if not len(empty):
             return
         counts[empty] = 0  # an emptied class is never a donor
-        for e in empty:  # loop over emptied classes (a handful), not particles
+        # a few per iteration, the emptiest first: each split costs a pass over its donor
+        empty = empty[np.argsort(soft[empty], kind="stable")][: max(1, -(-k // MAX_RESEED_SHARE))]
+        for e in empty.tolist():  # loop over emptied classes (a handful), not particles
             donor = int(np.argmax(counts))
             members = indices[best == donor]
             if len(members) < 4:
@@ -758,6 +764,7 @@ class Class2DModel:
         radius = 0.5 * min(self.current_radius, self._max_align_radius)
         keep = self.grid.band(0.5, max(radius, 4.0))
         weight = self._weight()
+        # the component is found on at most SPLIT_SAMPLE members (every member is projected)
         rows = []
         for s in range(0, len(members), 128):
             idx = members[s : s + 128]
@@ -769,11 +776,11 @@ class Class2DModel:
             rows.append(torch.view_as_real(aligned / weight[keep].sqrt()).flatten(1))
         data = torch.cat(rows)
         data = data - data.mean(0)
+        sample = data[:: max(1, len(members) // SPLIT_SAMPLE)]
         # first principal component by a few power iterations (members x frequencies)
-        v = data.sum(0) + 1e-6
-        v = data[0] if float(v.norm()) == 0 else v
+        v = sample[0] + 1e-6
         for _ in range(20):
-            v = data.T @ (data @ v)
+            v = sample.T @ (sample @ v)
             v = v / v.norm().clamp(min=1e-30)
         proj = (data @ v).cpu().numpy()
         return proj > np.median(proj)
