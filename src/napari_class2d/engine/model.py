@@ -63,6 +63,8 @@ EMPTY_FRACTION = 0.05
 MAX_RESEED_SHARE = 10
 #: members whose first principal component splits a class (see _split)
 SPLIT_SAMPLE = 256
+#: bytes of shifted particle coefficients a marginalised chunk holds at once
+BUCKET_CHUNK_BYTES = 64e6
 #: a particle keeps its best pose when at least this much of its rotation posterior (best
 #: class, coarse pass) lies within one coarse step of the best rotation; otherwise its
 #: rotations are marginalised (see Class2DModel.iterate)
@@ -185,12 +187,17 @@ class _Buckets:
         posterior), each class's best shift ``(B, K, 2)`` px, ``y = w·CTF·X`` (complex) and
         ``wc2 = w·CTF²``, ``(B, F)`` on the averaged frequencies, ``phases`` their table."""
         b, k, r = weights.shape
-        z = y[:, None, :] * phases(shifts)  # (B, K, F): each class's best shift
-        acc = torch.bmm(
-            weights.permute(1, 2, 0), torch.view_as_real(z).flatten(-2).transpose(0, 1)
-        )
-        self.num[h] += torch.view_as_complex(acc.reshape(k, r, -1, 2).contiguous())
-        self.den[h] += (weights.reshape(b, k * r).T @ wc2).reshape(k, r, -1)
+        f = y.shape[-1]
+        step = max(1, int(BUCKET_CHUNK_BYTES // (16 * k * f)))  # bounds z below
+        for s in range(0, b, step):
+            rows = slice(s, s + step)
+            z = y[rows, None, :] * phases(shifts[rows])  # (b, K, F): each class's shift
+            acc = torch.bmm(
+                weights[rows].permute(1, 2, 0),
+                torch.view_as_real(z).flatten(-2).transpose(0, 1),
+            )
+            self.num[h] += torch.view_as_complex(acc.reshape(k, r, f, 2).contiguous())
+        self.den[h] += (weights.reshape(b, k * r).T @ wc2).reshape(k, r, f)
 
     def class_frame(
         self, space: SearchSpace, grid: FourierGrid, keep: torch.Tensor, ctf_mode: str
@@ -363,8 +370,6 @@ class Class2DModel:
         per_particle = (
             8 * f * (4 + 3 * n1 + 2 * n * (j + 9)) + 8 * 3 * fp * n1 + 8 * k * t * space.n_coarse
         )
-        # a particle whose rotations are marginalised is shifted for every class
-        per_particle += 8 * k * self.grid.n * 2
         fits = pool.chunk_size_for(per_particle, self.config.memory_budget_GB)
         if self.device.type == "cpu":
             # temporaries of a few tens of MB are reused by the allocator, larger ones
