@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dask.array as da
+import mrcfile
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from matplotlib.image import imread as plt_imread
 
-from napari_class2d.io.mrc import open_stack
 from napari_class2d.io.paths import candidate_paths, project_folders, resolve_first
 from napari_class2d.selection import ClassificationResult
 
@@ -285,11 +285,12 @@ class ClassParticles:
 
 
 def read_micrograph(path: str | Path) -> np.ndarray:
-    """A micrograph as a 2D float32 array: MRC (memory-mapped; the first section of a
-    stack) or an image file (PNG, JPEG, TIFF: grey, or the mean of its colours)."""
+    """A micrograph as a 2D float32 array: MRC (the first section of a stack) or an image
+    file (PNG, JPEG, TIFF: grey, or the mean of its colours)."""
     path = Path(path)
     if path.suffix.lower() in (".mrc", ".mrcs", ".map", ".st"):
-        data = open_stack(path)
-        return np.asarray(data[0] if data.ndim == 3 else data, dtype=np.float32)
+        with mrcfile.open(path, permissive=True) as mrc:
+            data = mrc.data
+            return np.array(data[0] if data.ndim == 3 else data, dtype=np.float32)
     image = np.asarray(plt_imread(path), dtype=np.float32)
     return image.mean(axis=-1) if image.ndim == 3 else image
