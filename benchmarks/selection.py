@@ -41,7 +41,8 @@ from _common import REPO, machine, write_json
 from napari_class2d.ranking import (
     DEFAULT_THRESHOLD,
     DEFAULT_WEIGHTS,
-    DISTINCT_VIEW_MATCH,
+    DISTINCT_VIEW_FACTOR,
+    TERMS,
     ScoreWeights,
     class_features,
     decide,
@@ -50,8 +51,6 @@ from napari_class2d.ranking import (
 )
 from napari_class2d.selection import load_result
 from napari_class2d.sim.score import score_classification
-
-TERMS = ("resolution", "probability", "texture", "count", "similarity")
 
 
 # -- truth per class ------------------------------------------------------------------------
@@ -266,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "threshold": args.threshold,
-        "distinct_view_match": DISTINCT_VIEW_MATCH,
+        "distinct_view_factor": DISTINCT_VIEW_FACTOR,
         "weights": dataclasses.asdict(weights),
         "machine": machine(),
         "sets": {},
@@ -274,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in sets:
         m = evaluate(s, weights, args.threshold)
         m["best_single_threshold"] = best_single_thresholds(s, m["good_kept"])
+        # the best any class-level selection does: every class that is not mostly junk
+        m["every_non_junk_class"] = metrics(s, ~s["junk_class"] & (s["count"] > 0))
         m["classification_summary"] = s["summary"]
         m["folder"] = s["folder"]
         report["sets"][s["name"]] = m
@@ -316,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{cell(b['resolution']['same_good_yield'])}, "
             f"count {cell_n(b['count']['same_good_yield'])}; "
             f"guarded {m['guarded']} (rare {m['guarded_rare']}, junk {m['guarded_junk']}); "
-            f"rare rejected {m['rejected_rare']}; junk kept {m['kept_junk']}"
+            f"rare rejected {m['rejected_rare']}; junk kept {m['kept_junk']}; "
+            f"every non-junk class: {_fmt(m['every_non_junk_class']['junk_share_kept'], True)}"
         )
     if args.fit:
         print("\nleave one set out (weights fitted on the others):")

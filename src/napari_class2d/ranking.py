@@ -27,12 +27,23 @@ import torch
 from napari_class2d.compare import match_images
 from napari_class2d.engine.lineage import exchange_partners, flags_from_document, stability
 from napari_class2d.selection import ClassificationResult
-from napari_class2d.texture import blank_averages, fine_power_fraction, outer_energy_fraction
+from napari_class2d.texture import (
+    NOISE_TEXTURE_THRESHOLD,
+    blank_averages,
+    fine_power_fraction,
+    outer_energy_fraction,
+)
 
 #: classes scoring at least this are kept by default (measured: docs/benchmarks.md)
 DEFAULT_THRESHOLD = 0.5
-#: a rejected class is a distinct view when no kept class matches it better than this
-DISTINCT_VIEW_MATCH = 0.6
+#: a rejected class is a distinct view when its best match with a kept class is further
+#: from a perfect match (1) than this many times the typical kept class's distance to its
+#: nearest kept neighbour (the level at which classes of one view match in this result)
+DISTINCT_VIEW_FACTOR = 2.5
+#: the guard keeps a distinct view whose quality (its score without size and similarity)
+#: reaches this, or the threshold when that is lower: junk classes of the benchmark sets
+#: reach at most 0.2, classes that recover a rare view at least 0.47
+GUARD_MIN_QUALITY = 0.3
 #: band of the class-to-class comparison, as multiples of the particle diameter (coarse)
 #: and Å (fine)
 SIMILARITY_LOW_DIAMETERS = 1.0
@@ -328,23 +339,37 @@ def class_features(
 class ScoreWeights:
     """A logistic score: ``score = 1 / (1 + exp(-(bias + sum w_i x_i)))``.
 
-    The terms ``x_i`` are relative to the result's typical class (the particle-weighted
-    median over populated classes), so the same weights serve data sets of different
-    size, resolution and signal (see :func:`score_terms`).
+    The terms ``x_i`` (:func:`score_terms`) are relative to the result's typical class
+    (the particle-weighted median over populated classes), so the same weights serve data
+    sets of different size, resolution and signal.
     """
 
     bias: float
     resolution: float  # x = log2(resolution / typical resolution)
     probability: float  # x = log2(mean max probability / typical)
-    texture: float  # x = max(outer energy / 0.25, fine power / 0.2): 1 at the texture limits
+    texture: float  # x = log2(outer energy fraction / typical), at least 0
+    noise_texture: float  # x = 1 when the outer energy fraction is a noise texture's
+    instability: float  # x = log2((1 - particles kept) / (1 - typical)), from the lineage
     count: float  # x = log2(count / typical count)
-    similarity: float  # x = best match with another class (0..1)
+    similarity: float  # x = log2((1 - best match) / (1 - typical best match))
 
 
 #: chosen on the simulated benchmark sets (benchmarks/selection.py; docs/benchmarks.md)
 DEFAULT_WEIGHTS = ScoreWeights(
-    bias=2.0, resolution=-2.0, probability=2.0, texture=-4.0, count=0.5, similarity=0.0
+    bias=2.0,
+    resolution=-2.0,
+    probability=2.0,
+    texture=-1.0,
+    noise_texture=-4.0,
+    # measured on the sets with a lineage record: a weight of -0.5 lost 4-6 % of the
+    # non-junk particles and let the guard keep a stable blob class (docs/benchmarks.md)
+    instability=0.0,
+    count=0.5,
+    similarity=0.0,
 )
+#: the terms that describe the class itself; count and similarity describe its company
+QUALITY_TERMS = ("resolution", "probability", "texture", "noise_texture", "instability")
+TERMS = QUALITY_TERMS + ("count", "similarity")
 
 
 def _typical(values: np.ndarray, counts: np.ndarray) -> float:
@@ -358,32 +383,39 @@ def _typical(values: np.ndarray, counts: np.ndarray) -> float:
     return float(v[order][np.searchsorted(cum, 0.5 * cum[-1])])
 
 
+def _log2_ratio(values: np.ndarray, typical: float, unknown: float = 0.0) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.log2(values / typical) if typical > 0 else np.full(len(values), np.nan)
+    return np.where(np.isfinite(out), out, unknown)
+
+
 def score_terms(features: ClassFeatures) -> dict[str, np.ndarray]:
-    """The terms of the score per class (see :class:`ScoreWeights`); unknown values
-    count as typical (0), except an unknown resolution, which counts as twice as coarse
-    as typical (1)."""
+    """The terms of the score per class (see :class:`ScoreWeights`).
+
+    An unknown resolution counts as twice as coarse as typical; other unknown values as
+    typical (a result without a lineage record has no instability term). The outer energy
+    fraction (how much of the average's contrast lies outside the particle's core) counts
+    against a class only where it exceeds the typical class's, and as a noise texture above
+    :data:`napari_class2d.texture.NOISE_TEXTURE_THRESHOLD`.
+    The fine power fraction is not used: large particles at a few Å per pixel have real
+    detail finer than ``D/6`` (the best ribosome classes of the benchmark reach 0.45).
+    """
     counts = features.count
     res = np.where(np.isfinite(features.resolution_A), features.resolution_A, np.nan)
-    ref_res = _typical(res, counts)
-    ref_p = _typical(features.mean_max_probability, counts)
-    ref_n = _typical(counts.astype(float), counts)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        t_res = np.log2(res / ref_res) if np.isfinite(ref_res) else np.zeros_like(res)
-        t_res = np.where(np.isfinite(t_res), t_res, 1.0)
-        t_p = np.log2(features.mean_max_probability / ref_p) if ref_p > 0 else 0 * counts
-        t_p = np.where(np.isfinite(t_p), t_p, 0.0)
-        t_n = np.log2(np.maximum(counts, 0.5) / ref_n) if ref_n > 0 else 0 * counts
-    tex = np.fmax(
-        np.nan_to_num(features.outer_energy_fraction, nan=0.0) / 0.25,
-        np.nan_to_num(features.fine_power_fraction, nan=0.0) / 0.2,
-    )
-    sim = np.nan_to_num(features.similarity, nan=0.0)
+    oef = features.outer_energy_fraction
+    sim = np.clip(features.similarity, 0.0, 0.999)
+    dissim = 1.0 - sim
+    unstable = 1.0 - np.clip(features.stability, 0.0, 0.999)
     return {
-        "resolution": t_res,
-        "probability": t_p,
-        "texture": tex,
-        "count": t_n,
-        "similarity": sim,
+        "resolution": _log2_ratio(res, _typical(res, counts), unknown=1.0),
+        "probability": _log2_ratio(
+            features.mean_max_probability, _typical(features.mean_max_probability, counts)
+        ),
+        "texture": np.maximum(_log2_ratio(oef, _typical(oef, counts)), 0.0),
+        "noise_texture": (np.nan_to_num(oef, nan=0.0) > NOISE_TEXTURE_THRESHOLD).astype(float),
+        "instability": _log2_ratio(unstable, _typical(unstable, counts)),
+        "count": _log2_ratio(np.maximum(counts, 0.5), _typical(counts.astype(float), counts)),
+        "similarity": _log2_ratio(dissim, _typical(dissim, counts)),
     }
 
 
@@ -392,19 +424,13 @@ def score_classes(
 ) -> np.ndarray:
     """``(K,)`` scores in [0, 1]: how likely each class holds particles, not junk.
 
-    ``with_count=False`` scores every class as if it held the typical number of
-    particles and matched no other class (what the rare-view guard asks). Blank
-    (empty) classes score 0.
+    ``with_count=False`` scores every class on :data:`QUALITY_TERMS` only, as if it held
+    the typical number of particles and were as like its neighbours as the typical class
+    (what the rare-view guard asks). Blank (empty) classes score 0.
     """
     t = score_terms(features)
-    z = (
-        weights.bias
-        + weights.resolution * t["resolution"]
-        + weights.probability * t["probability"]
-        + weights.texture * t["texture"]
-    )
-    if with_count:
-        z = z + weights.count * t["count"] + weights.similarity * t["similarity"]
+    names = TERMS if with_count else QUALITY_TERMS
+    z = weights.bias + sum(getattr(weights, n) * t[n] for n in names)
     out = 1.0 / (1.0 + np.exp(-z))
     out[features.blank] = 0.0
     return out
@@ -464,17 +490,37 @@ def _reason(f: ClassFeatures, k: int, t: dict, kept: bool, guarded: bool, match,
     if guarded:
         return f"{GUARD_MARK} (best match with a kept class {match:.2f}, class {match_k})"
     notes = []
-    if t["texture"][k] >= 1.0:
+    if t["noise_texture"][k] > 0:
         notes.append("noise texture")
+    elif t["texture"][k] >= 1.0:
+        notes.append(f"density outside the core ({f.outer_energy_fraction[k]:.2f})")
     if t["resolution"][k] >= 0.5:
-        notes.append(f"resolution {f.resolution_A[k]:.0f} Å")
+        res = f.resolution_A[k]
+        notes.append(f"resolution {res:.0f} Å" if np.isfinite(res) else "resolution unknown")
     if t["probability"][k] <= -0.5:
         notes.append(f"low probability {f.mean_max_probability[k]:.2f}")
     if t["count"][k] <= -2:
         notes.append(f"{int(f.count[k])} particles")
     if kept:
         return "kept" + (f" despite {', '.join(notes)}" if notes else "")
+    if not notes and np.isfinite(match):
+        notes.append(f"like kept class {match_k} ({match:.2f})")
     return "rejected" + (f": {', '.join(notes)}" if notes else "")
+
+
+def same_view_level(matches: np.ndarray, keep: np.ndarray, counts: np.ndarray) -> float:
+    """The match score above which two classes count as the same view in this result:
+    ``1 - DISTINCT_VIEW_FACTOR * (1 - m)``, ``m`` the particle-weighted median over the
+    kept classes of each one's best match with another kept class."""
+    idx = np.nonzero(keep)[0]
+    if len(idx) < 2:
+        return float("nan")
+    sub = matches[np.ix_(idx, idx)]
+    best = np.where(
+        np.isfinite(sub).any(axis=1), np.nanmax(np.nan_to_num(sub, nan=-1.0), 1), np.nan
+    )
+    typical = _typical(best, counts[idx])
+    return 1.0 - DISTINCT_VIEW_FACTOR * (1.0 - typical)
 
 
 def decide(
@@ -485,23 +531,26 @@ def decide(
     matches: np.ndarray | None,
     guard: bool = True,
 ) -> AutoSelection:
-    """Keep the classes scoring at least ``threshold``; then the rare-view guard keeps
-    a rejected class whose quality reaches the threshold and which no kept class matches
-    better than :data:`DISTINCT_VIEW_MATCH` (``matches``: the ``(K, K)`` class similarity)."""
+    """Keep the classes scoring at least ``threshold``; then the rare-view guard keeps a
+    rejected class whose quality reaches :data:`GUARD_MIN_QUALITY` (or the threshold, if
+    lower) and whose best match with the kept classes stays below :func:`same_view_level`
+    (``matches``: the ``(K, K)`` class similarity)."""
     k = features.n_classes
     keep = (score >= threshold) & ~features.blank
     guarded = np.zeros(k, bool)
     closest = np.full(k, np.nan)
     closest_k = np.zeros(k, np.int64)
     if guard and matches is not None:
+        level = same_view_level(matches, keep, features.count)
         # strongest candidates first, each compared with what is kept so far
-        candidates = np.nonzero(~keep & ~features.blank & (quality >= threshold))[0]
+        gate = min(threshold, GUARD_MIN_QUALITY)
+        candidates = np.nonzero(~keep & ~features.blank & (quality >= gate))[0]
         for c in candidates[np.argsort(-quality[candidates], kind="stable")]:
             row = np.where(keep, matches[c], np.nan)
             if np.isfinite(row).any():
                 closest[c] = np.nanmax(row)
                 closest_k[c] = int(np.nanargmax(row)) + 1
-            if not np.isfinite(closest[c]) or closest[c] < DISTINCT_VIEW_MATCH:
+            if not np.isfinite(closest[c]) or not closest[c] >= level:
                 keep[c] = guarded[c] = True
     terms = score_terms(features)
     reasons = [
