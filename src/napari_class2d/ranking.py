@@ -41,9 +41,9 @@ DEFAULT_THRESHOLD = 0.5
 #: nearest kept neighbour (the level at which classes of one view match in this result)
 DISTINCT_VIEW_FACTOR = 2.5
 #: the guard keeps a distinct view whose quality (its score without size and similarity)
-#: reaches this, or the threshold when that is lower: junk classes of the benchmark sets
-#: reach at most 0.2, classes that recover a rare view at least 0.47
-GUARD_MIN_QUALITY = 0.3
+#: reaches this, or the threshold when that is lower: on the benchmark sets junk classes
+#: reach at most 0.2 and classes that recover a rare view at least 0.46 (docs/benchmarks.md)
+GUARD_MIN_QUALITY = 0.4
 #: band of the class-to-class comparison, as multiples of the particle diameter (coarse)
 #: and Å (fine)
 SIMILARITY_LOW_DIAMETERS = 1.0
@@ -372,6 +372,11 @@ QUALITY_TERMS = ("resolution", "probability", "texture", "noise_texture", "insta
 TERMS = QUALITY_TERMS + ("count", "similarity")
 
 
+#: outer energy fractions below this count as this: their ratios would be noise (the
+#: simulated sets' classes sit at 0.01-0.04, real averages at 0.03-0.14)
+OUTER_ENERGY_FLOOR = 0.02
+
+
 def _typical(values: np.ndarray, counts: np.ndarray) -> float:
     """The particle-weighted median of ``values`` over populated classes with a value."""
     ok = np.isfinite(values) & (counts > 0)
@@ -403,9 +408,10 @@ def score_terms(features: ClassFeatures) -> dict[str, np.ndarray]:
     counts = features.count
     res = np.where(np.isfinite(features.resolution_A), features.resolution_A, np.nan)
     oef = features.outer_energy_fraction
-    sim = np.clip(features.similarity, 0.0, 0.999)
-    dissim = 1.0 - sim
-    unstable = 1.0 - np.clip(features.stability, 0.0, 0.999)
+    # small values are floored: their ratios would be noise
+    oef = np.fmax(oef, OUTER_ENERGY_FLOOR)
+    dissim = 1.0 - np.clip(features.similarity, 0.0, 0.99)
+    unstable = 1.0 - np.clip(features.stability, 0.0, 0.99)
     return {
         "resolution": _log2_ratio(res, _typical(res, counts), unknown=1.0),
         "probability": _log2_ratio(
