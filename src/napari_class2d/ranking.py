@@ -514,11 +514,11 @@ def _reason(f: ClassFeatures, k: int, t: dict, kept: bool, guarded: bool, match,
     return "rejected" + (f": {', '.join(notes)}" if notes else "")
 
 
-def same_view_level(matches: np.ndarray, keep: np.ndarray, counts: np.ndarray) -> float:
+def same_view_level(matches: np.ndarray, classes: np.ndarray, counts: np.ndarray) -> float:
     """The match score above which two classes count as the same view in this result:
-    ``1 - DISTINCT_VIEW_FACTOR * (1 - m)``, ``m`` the particle-weighted median over the
-    kept classes of each one's best match with another kept class."""
-    idx = np.nonzero(keep)[0]
+    ``1 - DISTINCT_VIEW_FACTOR * (1 - m)``, ``m`` the particle-weighted median over
+    ``classes`` (bool) of each one's best match with another of them."""
+    idx = np.nonzero(classes)[0]
     if len(idx) < 2:
         return float("nan")
     sub = matches[np.ix_(idx, idx)]
@@ -547,10 +547,13 @@ def decide(
     closest = np.full(k, np.nan)
     closest_k = np.zeros(k, np.int64)
     if guard and matches is not None:
-        level = same_view_level(matches, keep, features.count)
-        # strongest candidates first, each compared with what is kept so far
         gate = min(threshold, GUARD_MIN_QUALITY)
-        candidates = np.nonzero(~keep & ~features.blank & (quality >= gate))[0]
+        particle_like = ~features.blank & (quality >= gate)
+        # what "the same view" means here is measured on every particle-like class, so
+        # it does not move with the threshold
+        level = same_view_level(matches, particle_like, features.count)
+        # strongest candidates first, each compared with what is kept so far
+        candidates = np.nonzero(~keep & particle_like)[0]
         for c in candidates[np.argsort(-quality[candidates], kind="stable")]:
             row = np.where(keep, matches[c], np.nan)
             if np.isfinite(row).any():
