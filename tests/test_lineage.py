@@ -81,7 +81,8 @@ def test_refilled_class_is_a_split_not_the_same_class():
     summary = class_summary(doc)
     assert summary[1]["origin"] == "split" and summary[1]["split_from"] == 1
     assert summary[1]["emptied_before"] == [(5, 3)]  # the stable class 2 went into class 3
-    assert flags_from_document(doc)[1] == "emptied it 5 → 3; split from 1 (it 6)"
+    assert flags_from_document(doc)[1] == "emptied it 5 → 3, refilled from 1 (it 6)"
+    assert flags_from_document(doc, warnings_only=True)[0] == ""
     assert summary[0]["lineage"] == 0 and summary[0]["origin"] == "start"
 
 

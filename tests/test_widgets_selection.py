@@ -211,7 +211,9 @@ def test_auto_select_threshold_guard_and_clicks(make_napari_viewer, qtbot, ranke
     rare = w.tiles[truth["rare"]]
     assert _border(rare) == GUARD_COLOR and GUARD_MARK in rare.mark.text()
     assert _border(w.tiles[1]) == KEEP_COLOR and not w.tiles[7].kept
-    assert "Ranking keeps 6 of 9 classes at 0.50 (1 distinct view" in w.auto_label.text()
+    assert "Ranking keeps 6 of 9 classes at 0.50, 1 of them by the rare-view guard" in (
+        w.auto_label.text()
+    )
     # the threshold moves, the kept classes follow at once
     w.auto_slider.setValue(95)
     strict = w.kept_classes().tolist()

@@ -84,7 +84,10 @@ class ClassFeatures:
     swaps_with
         Classes it exchanged its particles with in the last updates (lineage).
     lineage_flag
-        The lineage's warning for the class ("" when none).
+        What the lineage record says about the class ("" when nothing; splits included).
+    lineage_warning
+        The lineage's warning for the class ("" when none): emptied or merged since the
+        classes settled, or swapping its particles with another class.
     particle_diameter_A
         The particle diameter the measures were taken with, Å.
     similarity_matrix
@@ -105,6 +108,7 @@ class ClassFeatures:
     stability: np.ndarray
     swaps_with: list = field(default_factory=list)
     lineage_flag: list = field(default_factory=list)
+    lineage_warning: list = field(default_factory=list)
     particle_diameter_A: float = 0.0
     similarity_matrix: np.ndarray | None = None
 
@@ -309,12 +313,14 @@ def class_features(
     stab = np.full(k, np.nan)
     swaps: list = [[] for _ in range(k)]
     flags = [""] * k
+    warnings = [""] * k
     lineage = result.lineage
     if lineage is not None and int(lineage["n_classes"]) == k:
         stab = stability(lineage)
         for c, partners in exchange_partners(lineage).items():
             swaps[c - 1] = sorted(partners)
         flags = flags_from_document(lineage)
+        warnings = flags_from_document(lineage, warnings_only=True)
     return ClassFeatures(
         count=counts,
         resolution_A=np.asarray(result.class_resolution_A, dtype=np.float64),
@@ -329,6 +335,7 @@ def class_features(
         stability=stab,
         swaps_with=swaps,
         lineage_flag=flags,
+        lineage_warning=warnings,
         particle_diameter_A=diameter,
         similarity_matrix=matrix,
     )

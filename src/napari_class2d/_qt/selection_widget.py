@@ -378,23 +378,28 @@ class ClassSelectionWidget(QWidget):
             details.append(self.auto.reasons[k - 1])
             if self.user_choice.get(k) is not None:
                 details.append(f"your choice: {'keep' if self.user_choice[k] else 'reject'}")
-        flags = self._flags()
+        warnings, flags = self._flags()
+        if warnings and warnings[k - 1]:
+            marks.append(f"⚠ {warnings[k - 1].split('; ')[0].split(', refilled')[0]}")
         if flags and flags[k - 1]:
-            first = flags[k - 1].split("; ")[0]
-            marks.append(f"⚠ {first}")
             details.append(f"lineage: {flags[k - 1]}")
         return "\n".join(marks), "\n".join(details)
 
-    def _flags(self) -> list[str]:
+    def _flags(self) -> tuple[list[str], list[str]]:
+        """The lineage's warnings (for the marks) and all it says (for the tooltips)."""
         if self.features is not None and self.features.lineage_flag:
-            return self.features.lineage_flag
+            return self.features.lineage_warning, self.features.lineage_flag
         if self.result is not None and self.result.lineage is not None:
-            from_record = self.__dict__.setdefault("_record_flags", {})
+            cache = self.__dict__.setdefault("_record_flags", {})
             key = id(self.result)
-            if key not in from_record:
-                from_record[key] = flags_from_document(self.result.lineage)
-            return from_record[key]
-        return []
+            if key not in cache:
+                doc = self.result.lineage
+                cache[key] = (
+                    flags_from_document(doc, warnings_only=True),
+                    flags_from_document(doc),
+                )
+            return cache[key]
+        return [], []
 
     def order(self) -> np.ndarray:
         """1-based class numbers in the gallery's current order."""
@@ -542,7 +547,8 @@ class ClassSelectionWidget(QWidget):
         n_user = sum(bool(self.auto.keep[k - 1]) != v for k, v in self.user_choice.items())
         self.auto_label.setText(
             f"Ranking keeps {int(self.auto.keep.sum())} of {len(f.count)} classes at "
-            f"{self.auto_threshold:.2f} ({n_guard} {GUARD_MARK}); your clicks change {n_user}."
+            f"{self.auto_threshold:.2f}, {n_guard} of them by the rare-view guard "
+            f"({GUARD_MARK}); your clicks change {n_user}."
         )
         if SORT_KEYS[self.sort_by.currentText()] == "score":
             self._rebuild_grid()

@@ -26,6 +26,10 @@ from that:
   size, when one did (the "rare view that vanishes by the end" failure).
   A lineage that grows back to half its stable size is **recovered**.
 
+Warnings (:func:`flags_from_document`) leave out what happened before the last update
+that moved most particles to other classes (:func:`last_reshuffle`): during the online
+phase the engine's classes re-form from scratch at least once.
+
 The record is plain JSON (lists, dicts, numbers, strings): it goes into the job's
 checkpoint and is written beside the results as ``run_lineage.json``
 (:data:`LINEAGE_FILE`), where ``napari-class2d select``, the selection widget and other
@@ -66,6 +70,9 @@ REFILL_SOURCE_FRACTION = 0.5
 MERGE_FRACTION = 0.5
 #: flows of fewer particles are counted in the totals but not listed
 MIN_LISTED_FLOW = 2
+#: an update that keeps fewer of the particles in their class reshuffles the classes:
+#: warnings are about what happened after the last one (the classes had settled)
+RESHUFFLE_KEPT = 0.5
 
 
 def _new_lineage(lineage_id: int, slot: int, iteration: int, origin: str, **extra) -> dict:
@@ -80,6 +87,7 @@ def _new_lineage(lineage_id: int, slot: int, iteration: int, origin: str, **extr
         "streak": 0,
         "recent_counts": [],
         "stable_since": None,
+        "last_stable": None,
         "stable_size": None,
         "peak_size": 0,
         "emptied": None,
@@ -202,10 +210,13 @@ class ClassLineage:
             res = [float(r) if np.isfinite(r) else None for r in np.asarray(resolution_A)]
         for e in events:
             e["iteration"] = iteration
+        before = int(prev_counts.sum())
         self.history.append(
             {
                 "iteration": int(iteration),
                 "phase": phase,
+                # the fraction of the particles that kept their class (None: first update)
+                "kept": float(stayed.sum() / before) if before else None,
                 "counts": counts.tolist(),
                 "resolution_A": res,
                 "stayed": stayed.tolist(),
@@ -232,6 +243,7 @@ class ClassLineage:
             lin["streak"] = 0
             lin["recent_counts"] = []
         if lin["streak"] >= STABLE_UPDATES:
+            lin["last_stable"] = iteration
             level = float(np.median(lin["recent_counts"]))
             if lin["stable_since"] is None:
                 lin["stable_since"] = iteration - STABLE_UPDATES + 1
@@ -288,9 +300,9 @@ class ClassLineage:
         """``(K,)`` the lineage id each class holds now."""
         return np.asarray(self.current, dtype=np.int64)
 
-    def class_flags(self) -> list[str]:
+    def class_flags(self, warnings_only: bool = True) -> list[str]:
         """Per class, a short warning ("" when none): see :func:`flags_from_document`."""
-        return flags_from_document(self.to_dict())
+        return flags_from_document(self.to_dict(), warnings_only)
 
     def to_dict(self) -> dict:
         """The record as plain JSON values (what the checkpoint and the result file hold)."""
@@ -305,6 +317,7 @@ class ClassLineage:
                 "emptied_fraction": EMPTIED_FRACTION,
                 "recovered_fraction": RECOVERED_FRACTION,
                 "refill_own_fraction": REFILL_OWN_FRACTION,
+                "reshuffle_kept": RESHUFFLE_KEPT,
                 "refill_source_fraction": REFILL_SOURCE_FRACTION,
                 "merge_fraction": MERGE_FRACTION,
                 "min_listed_flow": MIN_LISTED_FLOW,
@@ -400,28 +413,71 @@ def class_history(document: dict, class_number: int) -> dict:
     return out
 
 
-def flags_from_document(document: dict) -> list[str]:
-    """Per class (index k-1), a short text for the gallery: "" when nothing to report,
-    else e.g. ``"emptied it 16 → 12"`` (a stable lineage of this class was emptied and
-    its particles went mostly to class 12), ``"split from 4 (it 3)"`` or ``"swaps with 9"``
-    (the two classes exchanged their particles in most recent updates: see
-    :func:`exchange_partners`)."""
+def last_reshuffle(document: dict) -> int:
+    """The last iteration whose update kept fewer than :data:`RESHUFFLE_KEPT` of the
+    particles in their class (0 when none): the classes had not settled before it."""
+    out, before = 0, 0
+    for h in document["history"]:
+        kept = h.get("kept")
+        if kept is None and before:  # a record written before "kept" was kept
+            kept = sum(h["stayed"]) / before
+        if kept is not None and kept < RESHUFFLE_KEPT:
+            out = int(h["iteration"])
+        before = sum(h["counts"])
+    return out
+
+
+def flags_from_document(document: dict, warnings_only: bool = False) -> list[str]:
+    """Per class (index k-1), a short text: "" when nothing to report, else e.g.
+    ``"emptied it 16 → 12"`` (a stable class was emptied and its particles went mostly
+    to class 12), ``"emptied it 16 → 12, refilled from 4 (it 17)"`` (the emptied class's
+    number was then given to particles split from class 4), ``"swaps with 9"`` (the two
+    classes exchanged their particles in most recent updates, :func:`exchange_partners`)
+    or, unless ``warnings_only``, ``"split from 4 (it 3)"``.
+
+    Emptied classes are reported when they had been stable for :data:`STABLE_UPDATES`
+    updates after the last update that reshuffled the classes (:func:`last_reshuffle`):
+    before it the classes had not settled.
+    """
     k = int(document["n_classes"])
     out = [""] * k
     swaps = exchange_partners(document)
+    settled = last_reshuffle(document)
     for slot in range(k):
         parts = []
-        for lin in lineages_of_class(document, slot + 1):
-            if lin["emptied"] is not None:
-                where = f" → {lin['merged_into']}" if lin["merged_into"] else ""
-                parts.append(f"emptied it {lin['emptied']}{where}")
-        lin = document["lineages"][document["current"][slot]]
-        if lin["origin"] == "split":
-            parts.append(f"split from {lin['split_from']} (it {lin['born']})")
+        current = document["lineages"][document["current"][slot]]
+        refill = (
+            f", refilled from {current['split_from']} (it {current['born']})"
+            if current["origin"] == "split"
+            else ""
+        )
+        told = False
+        emptied = [
+            lin
+            for lin in lineages_of_class(document, slot + 1)
+            if lin["emptied"] is not None and _stable_after(lin, settled)
+        ]
+        for lin in emptied:
+            where = f" → {lin['merged_into']}" if lin["merged_into"] else ""
+            text = f"emptied it {lin['emptied']}{where}"
+            if lin is emptied[-1] and lin["id"] != current["id"]:
+                text += refill
+                told = True
+            parts.append(text)
         if swaps.get(slot + 1):
             parts.append("swaps with " + ", ".join(map(str, sorted(swaps[slot + 1]))))
+        if not warnings_only and current["origin"] == "split" and not told:
+            parts.append(f"split from {current['split_from']} (it {current['born']})")
         out[slot] = "; ".join(parts)
     return out
+
+
+def _stable_after(lin: dict, iteration: int) -> bool:
+    """The lineage was stable for :data:`STABLE_UPDATES` updates after ``iteration``."""
+    last = lin.get("last_stable")
+    if last is None:  # a record written before "last_stable" was kept
+        return lin["emptied"] is not None and lin["emptied"] > iteration + STABLE_UPDATES
+    return last >= iteration + STABLE_UPDATES
 
 
 def exchange_partners(document: dict, last_updates: int = 4, min_times: int = 2) -> dict:
