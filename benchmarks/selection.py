@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             f"count {cell_n(b['count']['same_good_yield'])}; "
             f"guarded {m['guarded']} (rare {m['guarded_rare']}, junk {m['guarded_junk']}); "
             f"rare rejected {m['rejected_rare']}; junk kept {m['kept_junk']}; "
+            f"rare-majority classes kept {m['rare_majority_kept']}/{m['rare_majority_classes']}; "
             f"every non-junk class: {_fmt(m['every_non_junk_class']['junk_share_kept'], True)}"
         )
     if args.fit:

@@ -71,6 +71,8 @@ def main() -> int:
     viewer.reset_view()
     focus = int(guarded[0]) if len(guarded) else 1
     sel.scroll.ensureWidgetVisible(sel.tiles[focus])
+    _settle(app)
+    viewer.reset_view()
     shot("07_auto_selection")
 
     sel.set_auto_threshold(0.8)

@@ -86,9 +86,9 @@ class ClassParticlesView:
                 name=OTHERS,
                 size=box,
                 face_color="transparent",
-                border_color="gray",
-                border_width=0.02,
-                opacity=0.6,
+                border_color="#b0b0b0",
+                border_width=0.04,
+                opacity=0.8,
             )
         yx, prob = cp.positions(name)
         self.viewer.add_points(
