@@ -349,12 +349,12 @@ class Class2DJobWidget(QWidget):
         self.last_out_dir = spec.out_path
         if self.plots is None:
             self.plots = ClassHistoryPlot()
-            self.viewer.window.add_dock_widget(self.plots, name=PLOTS_NAME, area="bottom")
-        if self.lineage_plot is None:
+            stats = self.viewer.window.add_dock_widget(self.plots, name=PLOTS_NAME, area="bottom")
             self.lineage_plot = ClassLineagePlot()
             self.viewer.window.add_dock_widget(
                 self.lineage_plot, name=LINEAGE_NAME, area="bottom", tabify=True
             )
+            stats.raise_()  # the statistics in front, the lineage one tab away
         if not resume:
             self.plots.clear()
         config = spec.config
