@@ -176,3 +176,20 @@ def test_streaming_classes_keep_their_numbers_and_an_emptied_class_is_flagged(tm
         into = summary["merged_into"] - 1
         moved = (updates[3][1] == emptied) & (updates[4][1][: len(updates[3][1])] == into)
         assert moved.sum() >= 0.5 * (updates[3][1] == emptied).sum()
+
+
+def test_lineage_survives_stop_and_resume(tmp_path):
+    """The record is kept in the checkpoint: a stopped and resumed job writes the same
+    lineage as one that ran through."""
+    ps, *_ = make_particles(300, box=32, pixel_size_A=5.0, n_views=3, snr=0.5, seed=5)
+    cfg = Class2DConfig(**(SMALL_STREAM | {"n_online_em_iterations": 4}))
+    Class2DJob(ps, cfg, out_dir=tmp_path / "a").run_to_end()
+    job = Class2DJob(ps, cfg, out_dir=tmp_path / "b")
+    it = job.run()
+    next(it), next(it)
+    job.request_stop()
+    assert list(it) == []
+    Class2DJob(ps, cfg, out_dir=tmp_path / "b", resume=True).run_to_end()
+    a, b = read_lineage(tmp_path / "a"), read_lineage(tmp_path / "b")
+    assert [h["iteration"] for h in b["history"]] == [1, 2, 3, 4, 5]
+    assert a == b
