@@ -37,12 +37,13 @@ from napari_class2d.texture import (
 #: classes scoring at least this are kept by default (measured: docs/benchmarks.md)
 DEFAULT_THRESHOLD = 0.5
 #: a rejected class is a distinct view when its best match with a kept class is further
-#: from a perfect match (1) than this many times the typical kept class's distance to its
-#: nearest kept neighbour (the level at which classes of one view match in this result)
+#: from a perfect match (1) than this many times the typical particle-like class's distance
+#: to its nearest neighbour (the level at which classes of one view match in this result)
 DISTINCT_VIEW_FACTOR = 2.5
 #: the guard keeps a distinct view whose quality (its score without size and similarity)
 #: reaches this, or the threshold when that is lower: on the benchmark sets junk classes
-#: reach at most 0.2 and classes that recover a rare view at least 0.46 (docs/benchmarks.md)
+#: reach at most 0.18 (0.31 on a run that missed the rare views) and classes that recover
+#: a rare view at least 0.47 (docs/benchmarks.md)
 GUARD_MIN_QUALITY = 0.4
 #: band of the class-to-class comparison, as multiples of the particle diameter (coarse)
 #: and Å (fine)
@@ -280,8 +281,8 @@ def class_features(
     particle_diameter_A
         The particle diameter, Å (default: :func:`particle_diameter`).
     similarity
-        Compare the averages with each other (the slowest part: about a second per
-        thousand class pairs on one CPU core).
+        Compare the averages with each other (the slowest part: 5-10 s for 50 classes,
+        2,500 pairs, on one busy CPU core; it grows with the square of the classes).
     """
     if result.class_averages is None:
         raise ValueError(f"{result.data_star}: the result has no class averages to rank")
