@@ -103,7 +103,7 @@ def main() -> int:
 
     # 4. selection: keep the best-resolved, well-populated classes
     sel = job.open_selection()
-    for name in ("2D Classification (napari-class2d)", "Class statistics"):
+    for name in ("2D Classification (napari-class2d)", "Class statistics", "Class lineage"):
         viewer.window.dock_widgets[name].parent().hide()  # room for the gallery
     res = sel.result
     good = np.nonzero(

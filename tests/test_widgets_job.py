@@ -12,7 +12,7 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QApplication
 
 from napari_class2d._qt import job_widget, live_layers
-from napari_class2d._qt.job_widget import PLOTS_NAME
+from napari_class2d._qt.job_widget import LINEAGE_NAME, PLOTS_NAME
 from napari_class2d._reader import META_PARTICLES
 
 pytestmark = pytest.mark.gui
@@ -131,6 +131,10 @@ def test_batch_job_live_layers_selection_export(make_napari_viewer, qtbot, sim_s
     labels = viewer.layers[live_layers.LABELS].features["label"].tolist()
     assert labels[0].startswith(f"1: n={int(last.class_counts_hard[0])}, ")
     assert viewer.window.dock_widgets[PLOTS_NAME].iterations == [1, 2, 3, 4]
+    # the class lineage the job recorded, plotted per class; class numbers stay put
+    lineage = viewer.window.dock_widgets[LINEAGE_NAME]
+    assert [h["iteration"] for h in lineage.document["history"]] == [1, 2, 3, 4]
+    assert len(last.class_lineage_id) == 4 and len(last.class_flags) == 4
     assert "Done" in w.status_label.text()
 
     # hand over to Class Selection, keep the two biggest classes, export

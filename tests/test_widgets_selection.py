@@ -179,3 +179,110 @@ def test_both_front_ends_offer_every_option(make_napari_viewer, tmp_path):
     batch = _dock(viewer, "2D Classification")
     assert set(batch.source_form.fields) == {"pixel_size_A", "project_dir"}
     assert batch.stream_form is None
+
+
+# -- ranking, rare-view guard, a class's particles, lineage (issue 14) ----------------------
+@pytest.fixture(scope="module")
+def ranked_folder(tmp_path_factory):
+    from _selection_data import make_ranked_result
+
+    folder = tmp_path_factory.mktemp("ranked")
+    return folder, make_ranked_result(folder)
+
+
+def _border(tile) -> str:
+    return tile.styleSheet().split("solid")[1].split(";")[0].strip()
+
+
+def test_auto_select_threshold_guard_and_clicks(make_napari_viewer, qtbot, ranked_folder):
+    from napari_class2d._qt.selection_widget import GUARD_COLOR, KEEP_COLOR
+    from napari_class2d.ranking import GUARD_MARK
+
+    folder, truth = ranked_folder
+    viewer = make_napari_viewer()
+    w = _dock(viewer, "Class Selection")
+    w.load(folder)
+    # the gallery shows the job's lineage warning under the emptied class
+    assert "⚠ emptied it 6 → 1" in w.tiles[truth["empty"]].mark.text()
+    # Auto-select (in a worker thread, as the button does)
+    w.auto_button.click()
+    qtbot.waitUntil(lambda: w.auto is not None, timeout=60000)
+    assert w.kept_classes().tolist() == [1, 2, 3, 4, 5, 6]
+    rare = w.tiles[truth["rare"]]
+    assert _border(rare) == GUARD_COLOR and GUARD_MARK in rare.mark.text()
+    assert _border(w.tiles[1]) == KEEP_COLOR and not w.tiles[7].kept
+    assert "Ranking keeps 6 of 9 classes at 0.50, 1 of them by the rare-view guard" in (
+        w.auto_label.text()
+    )
+    # the threshold moves, the kept classes follow at once
+    w.auto_slider.setValue(95)
+    strict = w.kept_classes().tolist()
+    assert set(strict) < {1, 2, 3, 4, 5, 6} and truth["rare"] in strict
+    assert w.auto_threshold_label.text() == "0.95"
+    assert [k for k, t in w.tiles.items() if t.kept] == strict
+    # a click wins over the ranking, whatever the threshold
+    click(w.tiles[7])
+    assert 7 in w.kept_classes()
+    w.auto_slider.setValue(50)
+    assert w.kept_classes().tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert "your choice: keep" in w.tiles[7].toolTip()
+    w.reset_button.click()
+    assert w.kept_classes().tolist() == [1, 2, 3, 4, 5, 6]
+    # sort by score: the best class first, the empty class last
+    w.sort_by.setCurrentText("score")
+    assert w.grid.itemAtPosition(0, 0).widget().class_number != truth["empty"]
+    assert w.order()[-1] == truth["empty"]
+    n = w.export(folder / "auto_selected.star", overwrite=True)
+    back = starfile.read(folder / "auto_selected.star")["particles"]
+    assert n == len(back) and set(back["rlnClassNumber"]) == {1, 2, 3, 4, 5, 6}
+
+
+def test_double_click_opens_a_class_particles_and_micrograph(
+    make_napari_viewer, qtbot, ranked_folder
+):
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+
+    from napari_class2d._qt import particles_view as pv
+    from napari_class2d._qt.selection_widget import LINEAGE_DOCK
+
+    folder, truth = ranked_folder
+    viewer = make_napari_viewer()
+    w = _dock(viewer, "Class Selection")
+    w.load(folder)
+    QTest.mouseDClick(w.tiles[3], Qt.MouseButton.LeftButton)
+    assert w.kept[2]  # a double-click does not change keep / reject
+    layer = viewer.layers[pv.PARTICLES]
+    n3 = int(truth["counts"][2])
+    assert layer.metadata["class"] == 3 and layer.metadata["n_particles"] == n3
+    assert layer.data.shape[0] == -(-n3 // 48)  # pages of 48, read when looked at
+    page = np.asarray(layer.data[0])
+    assert page.shape == layer.data.shape[1:] and np.isfinite(page).all()
+    assert "Class 3: 100 particles" in w.particles_label.text()
+    # its micrographs, and the particles on one of them
+    assert w.micrograph_choice.count() == 2
+    assert w.show_micrograph(0)
+    points = viewer.layers[pv.POSITIONS]
+    name = viewer.layers[pv.MICROGRAPH].metadata["micrograph"]
+    on = starfile.read(folder / "run_data.star")["particles"]
+    on = on[(on["rlnClassNumber"] == 3) & (on["rlnMicrographName"] == name)]
+    assert len(points.data) == len(on)
+    np.testing.assert_allclose(
+        np.sort(points.data[:, 1]), np.sort(on["rlnCoordinateX"].to_numpy()), atol=1e-3
+    )
+    assert len(viewer.layers[pv.OTHERS].data) > len(points.data)
+    # the lineage of the class opened, in its own dock
+    assert viewer.window.dock_widgets[LINEAGE_DOCK] is w.lineage_plot
+    assert w.lineage_plot.class_box.value() == 3
+    w.open_particles(truth["empty"])
+    assert pv.PARTICLES not in viewer.layers  # an empty class has no particles to show
+    assert w.lineage_plot.flag_label.text() == "emptied it 6 → 1"
+
+
+def test_live_labels_carry_lineage_flags():
+    from napari_class2d._qt.live_layers import class_labels
+
+    labels = class_labels(
+        np.array([10, 0]), np.array([12.0, np.inf]), ("", "emptied it 5 → 1; split from 1")
+    )
+    assert labels == ["1: n=10, 12.0 Å", "2: n=0, – Å\n⚠ emptied it 5 → 1"]

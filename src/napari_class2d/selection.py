@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from napari_class2d.engine.lineage import LINEAGE_FILE, read_lineage
 from napari_class2d.io.errors import ParticleFileError
 from napari_class2d.io.mrc import open_stack, read_stack_header
 from napari_class2d.io.particles import ParticleSet
@@ -62,6 +63,14 @@ class ClassificationResult:
     particle_set
         The particles as a :class:`ParticleSet` (stack paths resolved as the
         readers do; images are not needed to export a selection).
+    particle_diameter_A
+        The particle diameter the job ran with, Å (``rlnParticleDiameter`` of the model,
+        or of a RELION job's ``*_optimiser.star``), or ``None``.
+    lineage
+        The job's class lineage record (``run_lineage.json`` beside the particle file,
+        see :mod:`napari_class2d.engine.lineage`), or ``None``.
+    lineage_file
+        That file, or ``None``.
     """
 
     data_star: Path
@@ -78,6 +87,9 @@ class ClassificationResult:
     class_distribution: np.ndarray
     iteration: int | None = None
     particle_set: ParticleSet | None = None
+    particle_diameter_A: float | None = None
+    lineage: dict | None = None
+    lineage_file: Path | None = None
 
     @property
     def n_classes(self) -> int:
@@ -111,7 +123,8 @@ class ClassificationResult:
     @property
     def own_files(self) -> list[Path]:
         """The files of the result itself (never written over by an export)."""
-        return [p for p in (self.data_star, self.model_star, self.classes_mrcs) if p is not None]
+        files = (self.data_star, self.model_star, self.classes_mrcs, self.lineage_file)
+        return [p for p in files if p is not None]
 
     def n_particles_in(self, keep_classes: Iterable[int]) -> int:
         """Particles in the classes ``keep_classes`` (1-based)."""
@@ -257,6 +270,12 @@ def load_result(result: str | Path, project_dir: str | Path | None = None) -> Cl
         distribution = counts / max(counts.sum(), 1)
     if apix is None and model_star is not None:
         apix = _model_pixel_size(model_star)
+    diameter = _model_general(model_star, "rlnParticleDiameter") if model_star else None
+    if diameter is None:
+        optimiser = data_star.with_name(data_star.name.replace("_data.star", "_optimiser.star"))
+        if optimiser != data_star and optimiser.is_file():
+            diameter = _model_general(optimiser, "rlnParticleDiameter")
+    lineage, lineage_file = _lineage_beside(data_star, n_classes)
     return ClassificationResult(
         data_star=data_star,
         model_star=model_star,
@@ -272,16 +291,44 @@ def load_result(result: str | Path, project_dir: str | Path | None = None) -> Cl
         class_distribution=distribution,
         iteration=iteration,
         particle_set=particle_set,
+        particle_diameter_A=diameter if diameter and diameter > 0 else None,
+        lineage=lineage,
+        lineage_file=lineage_file,
     )
 
 
 def _model_pixel_size(model_star: Path) -> float | None:
-    general = read_star_blocks(model_star).get("model_general")
-    if isinstance(general, dict) and "rlnPixelSize" in general:
-        return float(general["rlnPixelSize"])
-    if isinstance(general, pd.DataFrame) and "rlnPixelSize" in general:
-        return float(general["rlnPixelSize"].iloc[0])
+    return _model_general(model_star, "rlnPixelSize")
+
+
+def _model_general(star: Path, label: str) -> float | None:
+    """A number from the first block of ``star`` that holds ``label`` as a single value
+    (``data_model_general``, RELION's ``data_optimiser_general``), or ``None``."""
+    for block in read_star_blocks(star).values():
+        try:
+            if isinstance(block, dict) and label in block:
+                return float(block[label])
+            if isinstance(block, pd.DataFrame) and label in block and len(block) == 1:
+                return float(block[label].iloc[0])
+        except (TypeError, ValueError):
+            return None
     return None
+
+
+def _lineage_beside(data_star: Path, n_classes: int) -> tuple[dict | None, Path | None]:
+    """The lineage record written beside ``run_data.star`` when it fits the result."""
+    if data_star.name != "run_data.star":
+        return None, None
+    path = data_star.with_name(LINEAGE_FILE)
+    if not path.is_file():
+        return None, None
+    try:
+        record = read_lineage(path)
+    except (OSError, ValueError):
+        return None, path
+    if int(record.get("n_classes", -1)) != n_classes:
+        return None, path
+    return record, path
 
 
 # -- selecting --------------------------------------------------------------------------

@@ -31,16 +31,19 @@ from qtpy.QtWidgets import (
 )
 
 from napari_class2d._qt.config_form import ConfigForm, DataclassForm
+from napari_class2d._qt.lineage_plot import ClassLineagePlot
 from napari_class2d._qt.live_layers import LiveLayers
 from napari_class2d._qt.plots_widget import ClassHistoryPlot
 from napari_class2d._reader import META_PARTICLES, META_SOURCE
 from napari_class2d.engine.config import ConfigError
 from napari_class2d.engine.job import CHECKPOINT
+from napari_class2d.engine.lineage import LINEAGE_FILE, read_lineage
 from napari_class2d.run.runner import JobRunner
 from napari_class2d.run.spec import JobSpec, SourceOptions, StreamOptions
 
 NO_LAYER = "(file below)"
 PLOTS_NAME = "Class statistics"
+LINEAGE_NAME = "Class lineage"
 
 
 @dataclass
@@ -81,6 +84,7 @@ class Class2DJobWidget(QWidget):
         self.streaming = streaming
         self.live = LiveLayers(viewer)
         self.plots: ClassHistoryPlot | None = None
+        self.lineage_plot: ClassLineagePlot | None = None
         self._run: JobRun | None = None  # the run whose updates are drawn (None: stopped)
         self._active: JobRun | None = None  # the run whose worker is alive
         self._run_counter = 0
@@ -345,7 +349,12 @@ class Class2DJobWidget(QWidget):
         self.last_out_dir = spec.out_path
         if self.plots is None:
             self.plots = ClassHistoryPlot()
-            self.viewer.window.add_dock_widget(self.plots, name=PLOTS_NAME, area="bottom")
+            stats = self.viewer.window.add_dock_widget(self.plots, name=PLOTS_NAME, area="bottom")
+            self.lineage_plot = ClassLineagePlot()
+            self.viewer.window.add_dock_widget(
+                self.lineage_plot, name=LINEAGE_NAME, area="bottom", tabify=True
+            )
+            stats.raise_()  # the statistics in front, the lineage one tab away
         if not resume:
             self.plots.clear()
         config = spec.config
@@ -420,10 +429,22 @@ class Class2DJobWidget(QWidget):
             self.live.update(snap)
             if self.plots is not None:
                 self.plots.add(snap)
+            self._update_lineage()
         self.status_label.setText(update.status)
         if self._progress is not None and snap.iteration > self._progress.n:
             self._progress.total = max(snap.n_iterations_planned, snap.iteration)
             self._progress.update(snap.iteration - self._progress.n)
+
+    def _update_lineage(self) -> None:
+        """Plot the lineage record the job wrote with this iteration's results."""
+        if self.lineage_plot is None or self.last_out_dir is None:
+            return
+        path = self.last_out_dir / LINEAGE_FILE
+        try:
+            record = read_lineage(path)
+        except (OSError, ValueError):
+            return  # not written yet (or by an older version)
+        self.lineage_plot.set_record(record)
 
     def _on_error(self, run_id: int, err: Exception) -> None:
         if run_id != self._run_counter:

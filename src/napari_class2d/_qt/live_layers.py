@@ -58,12 +58,23 @@ def tile_gallery(averages: np.ndarray) -> np.ndarray:
     return out
 
 
-def class_labels(counts: np.ndarray, resolution_A: np.ndarray) -> list[str]:
-    """Tile captions ``"k: n=123, 12.3 Å"`` (1-based class numbers)."""
+def class_labels(
+    counts: np.ndarray, resolution_A: np.ndarray, flags: tuple[str, ...] = ()
+) -> list[str]:
+    """Tile captions ``"k: n=123, 12.3 Å"`` (1-based class numbers), with the class's
+    lineage warning on a second line (``"⚠ emptied it 16 → 12"``) when ``flags`` has one.
+
+    The numbers are the engine's class slots, which never move: a class keeps its
+    number over the iterations and streaming updates (its lineage says when its
+    content was replaced, see :mod:`napari_class2d.engine.lineage`)."""
     out = []
     for k, (n, res) in enumerate(zip(counts, resolution_A, strict=True), start=1):
         res_txt = f"{res:.1f} Å" if np.isfinite(res) else "– Å"
-        out.append(f"{k}: n={int(round(float(n)))}, {res_txt}")
+        text = f"{k}: n={int(round(float(n)))}, {res_txt}"
+        flag = flags[k - 1] if k - 1 < len(flags) else ""
+        if flag:
+            text += "\n⚠ " + flag.split("; ")[0]
+        out.append(text)
     return out
 
 
@@ -138,7 +149,11 @@ class LiveLayers:
             width=0.5,
         )
 
-        labels = class_labels(snapshot.class_counts_hard, snapshot.class_resolution_A)
+        labels = class_labels(
+            snapshot.class_counts_hard,
+            snapshot.class_resolution_A,
+            getattr(snapshot, "class_flags", ()),
+        )
         points = origins + np.array([1.0, 1.0])
         features = pd.DataFrame({"label": labels})
         layer = self._layer(LABELS)

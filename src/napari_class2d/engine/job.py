@@ -33,6 +33,7 @@ from napari_class2d.engine import checkpoint
 from napari_class2d.engine.checkpoint import CheckpointError
 from napari_class2d.engine.config import Class2DConfig, ConfigError
 from napari_class2d.engine.fourier import fourier_pad
+from napari_class2d.engine.lineage import LINEAGE_FILE, ClassLineage
 from napari_class2d.engine.model import (
     FULL_STEP_SIZE,
     ONLINE_STEP_SIZE,
@@ -149,6 +150,8 @@ class Class2DJob:
         self.n_at_last_update = 0
         self.incremental_updates = 0
         self.history: list[dict] = []
+        #: which class is which over the updates, by shared particles (engine/lineage.py)
+        self.lineage = ClassLineage(self.config.n_classes)
         self.done = False
         self._first_batch: np.ndarray | None = None  # the mini-batch the references came from
         self._last_snapshot: IterationSnapshot | None = None
@@ -394,6 +397,12 @@ class Class2DJob:
         self, phase: str, stats: IterationStats, anneal: float, msg: str
     ) -> IterationSnapshot:
         self.iteration += 1
+        self.lineage.update(
+            self.iteration,
+            phase,
+            self.assignments.best_class,
+            self.model.resolution.cpu().numpy(),
+        )
         snap = self._snapshot(phase, stats, anneal, msg)
         self.history.append(
             {
@@ -464,6 +473,8 @@ class Class2DJob:
             next_full_at=next_full_at,
             timings=dict(stats.timings, n_evaluations=stats.n_evaluations) if stats else {},
             message=msg,
+            class_lineage_id=self.lineage.lineage_ids(),
+            class_flags=tuple(self.lineage.class_flags()),
         )
 
     def _waiting(self, msg: str, next_full_at: int = 0) -> IterationSnapshot:
@@ -506,6 +517,7 @@ class Class2DJob:
             "data": out / "run_data.star",
             "classes": out / "run_classes.mrcs",
             "model": out / "run_model.star",
+            "lineage": out / LINEAGE_FILE,
         }
         # at the particles' box and pixel size, as RELION writes classes (so RELION takes
         # them as references): the working-box averages with their transform zero-padded
@@ -532,8 +544,12 @@ class Class2DJob:
             extra_class_columns={"rlnClassECA": eca},
             overwrite=overwrite,
             original_image_size=m.params.box,
-            extra_general={"rlnCurrentIteration": self.iteration},
+            extra_general={
+                "rlnCurrentIteration": self.iteration,
+                "rlnParticleDiameter": m.params.particle_diameter_A,
+            },
         )
+        self.lineage.write(paths["lineage"], overwrite=overwrite)
         write_particle_star(
             paths["data"],
             self.particles(),
@@ -563,6 +579,7 @@ class Class2DJob:
             "rng": self.rng.bit_generator.state,
             "counters": {k: getattr(self, k) for k in COUNTERS},
             "history": self.history,
+            "lineage": self.lineage.to_dict(),
             "source": self.source.state(),
             "blocks": [
                 {"n_particles": s.n_particles, "table": t}
@@ -617,6 +634,11 @@ class Class2DJob:
         for k, v in document["counters"].items():
             setattr(self, k, v)
         self.history = document["history"]
+        if "lineage" in document:
+            self.lineage = ClassLineage.from_dict(document["lineage"], self.assignments.best_class)
+        else:  # a checkpoint from before lineage was kept: follow the classes from here
+            self.lineage = ClassLineage(self.config.n_classes)
+            self.lineage.labels = self.assignments.best_class.copy()
         self._first_batch = tensors["first_batch"].numpy() if document["first_batch"] else None
 
     def _model_state(self, described: dict, tensors: dict) -> dict:

@@ -56,6 +56,11 @@ class IterationSnapshot:
         Seconds spent per stage in this iteration.
     message
         Free text for the log / status line.
+    class_lineage_id
+        ``(K,)`` int64: the lineage each class holds (it changes only when a class is
+        refilled from another, e.g. re-seeded; see :mod:`napari_class2d.engine.lineage`).
+    class_flags
+        Per class a short lineage warning ("" when none), e.g. ``"emptied it 16 → 12"``.
     """
 
     iteration: int
@@ -78,6 +83,8 @@ class IterationSnapshot:
     next_full_at: int = 0
     timings: dict = field(default_factory=dict)
     message: str = ""
+    class_lineage_id: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    class_flags: tuple[str, ...] = ()
 
     @property
     def n_classes(self) -> int:
