@@ -126,26 +126,18 @@ def test_select_auto_writes_exactly_the_auto_selected_particles(tmp_path, capsys
     chosen = result.particles["rlnImageName"][np.isin(result.class_number, expected)]
     index = lambda names: sorted(int(n.split("@")[0]) for n in names)  # noqa: E731
     assert index(back["rlnImageName"]) == index(chosen)
-    # the user's choice on top of the ranking
+    # the user's choice on top of the ranking: a rejection of a kept class, and a keep of a
+    # class the (strict) ranking rejects
     first = int(expected[0])
-    other = next(k for k in range(1, 6) if k not in expected)
     assert (
-        _run(
-            [
-                str(job),
-                "--auto",
-                "--reject",
-                str(first),
-                "--keep",
-                str(other),
-                "--out",
-                str(tmp_path / "mine.star"),
-            ]
-        )
-        == 0
+        _run([str(job), "--auto", "--reject", str(first), "--out", str(tmp_path / "r.star")]) == 0
     )
-    mine = starfile.read(tmp_path / "mine.star")["particles"]
-    assert set(mine["rlnClassNumber"]) == (set(expected.tolist()) - {first}) | {other}
+    mine = starfile.read(tmp_path / "r.star")["particles"]
+    assert set(mine["rlnClassNumber"]) == set(expected.tolist()) - {first}
+    strict = [str(job), "--auto", "--threshold", "0.99", "--no-guard", "--keep", str(first)]
+    assert _run([*strict, "--out", str(tmp_path / "k.star")]) == 0
+    mine = starfile.read(tmp_path / "k.star")["particles"]
+    assert set(mine["rlnClassNumber"]) == {first}
     # a stricter threshold keeps no more
     assert _run([str(job), "--auto", "--threshold", "0.99", "--no-guard"]) == 0
     assert "auto-selected" in capsys.readouterr().out
