@@ -3,10 +3,14 @@
 Shared by ``classify`` and ``stream``: the first Ctrl-C stops the job after the
 current iteration (the checkpoint keeps everything computed), a second one
 aborts at once (the checkpoint of the last finished iteration stays).
+
+Under ``torchrun`` only rank 0 prints the job's lines; every process prints its
+own errors, marked with its rank (``docs/distributed.md``).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -28,7 +32,8 @@ def run_spec(
     quiet: bool = False,
     out=None,
 ) -> int:
-    """Run ``spec``; return the exit code (0 done or stopped, 2 bad input, 130 aborted).
+    """Run ``spec``; return the exit code (0 done or stopped, 2 bad input, 3 another process
+    of a distributed job lost, 130 aborted).
 
     Parameters
     ----------
@@ -41,15 +46,25 @@ def run_spec(
     quiet
         Print only notes, errors and the final line, not one line per iteration.
     """
+    from napari_class2d.engine import distributed  # loads torch, like the runner
+
     out = sys.stdout if out is None else out
     runner = JobRunner(spec)
+    if distributed.launched():
+        prog = f"{prog} (rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE')})"
+
+    def is_main() -> bool:
+        job = runner.job
+        return job.reducer.is_main if job is not None else os.environ.get("RANK", "0") == "0"
+
     interrupted: list[bool] = []
 
     def on_interrupt(signum, frame):
         if interrupted:
             raise KeyboardInterrupt
         interrupted.append(True)
-        print("\nstopping after the current iteration (Ctrl-C again to abort)...", file=out)
+        if is_main():
+            print("\nstopping after the current iteration (Ctrl-C again to abort)...", file=out)
         runner.request_stop()
 
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -58,6 +73,8 @@ def run_spec(
     last_line, last_time = "", 0.0
     try:
         for update in runner.run():
+            if not is_main():  # the other processes run the same job silently
+                continue
             for note in update.notes:
                 print(note, file=out, flush=True)
             if update.snapshot is None:
@@ -87,6 +104,8 @@ def run_spec(
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, previous)
-    if runner.outcome == "stopped":
+        if runner.outcome in ("done", "stopped"):  # (after a lost process it could hang)
+            distributed.shutdown()
+    if runner.outcome == "stopped" and is_main():
         print(f"Resume with:\n  {resume_command()}", file=out)
     return 0

@@ -51,7 +51,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
     def resume_command() -> str:
-        words = ["napari-class2d", "classify", str(args.particles), "--out", str(args.out)]
-        return shlex.join([*words, "--resume"])
+        from napari_class2d.engine.distributed import launch_words
+
+        words = launch_words(["classify", str(args.particles), "--out", str(args.out), "--resume"])
+        return shlex.join(words)
 
     return run_spec(spec, prog, resume_command, quiet=args.quiet)
