@@ -17,11 +17,18 @@ import threading
 import time
 from collections.abc import Callable
 
+from napari_class2d.engine import distributed
 from napari_class2d.run.runner import JobRunner, RunError
 from napari_class2d.run.spec import JobSpec
 
 #: a repeated waiting line is printed at most this often, seconds
 REPEAT_SECONDS = 30.0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: ``torchrun`` stops every process when one fails; a batch system at the
+    end of a job's time. Handled like a second Ctrl-C: stop at once, keep the last
+    checkpoint."""
 
 
 def run_spec(
@@ -33,7 +40,7 @@ def run_spec(
     out=None,
 ) -> int:
     """Run ``spec``; return the exit code (0 done or stopped, 2 bad input, 3 another process
-    of a distributed job lost, 130 aborted).
+    of a distributed job lost, 130 aborted, 143 terminated by SIGTERM).
 
     Parameters
     ----------
@@ -46,8 +53,6 @@ def run_spec(
     quiet
         Print only notes, errors and the final line, not one line per iteration.
     """
-    from napari_class2d.engine import distributed  # loads torch, like the runner
-
     out = sys.stdout if out is None else out
     runner = JobRunner(spec)
     if distributed.launched():
@@ -67,8 +72,12 @@ def run_spec(
             print("\nstopping after the current iteration (Ctrl-C again to abort)...", file=out)
         runner.request_stop()
 
+    def on_terminate(signum, frame):
+        raise Terminated
+
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, on_interrupt) if in_main_thread else None
+    previous_term = signal.signal(signal.SIGTERM, on_terminate) if in_main_thread else None
     started = time.monotonic()
     last_line, last_time = "", 0.0
     try:
@@ -94,6 +103,14 @@ def run_spec(
             hint = ". Add --resume to continue that job or --overwrite to start over"
         print(f"{prog}: error: {err}{hint}", file=sys.stderr)
         return err.exit_code
+    except Terminated:
+        print(
+            f"{prog}: stopped by SIGTERM (under torchrun: another process of the job failed, "
+            f"or the job was cancelled); the checkpoint of the last finished iteration is in "
+            f"{spec.out_path}. Resume with:\n  {resume_command()}",
+            file=sys.stderr,
+        )
+        return 143
     except KeyboardInterrupt:
         print(
             f"aborted; the checkpoint of the last finished iteration is in {spec.out_path}. "
@@ -104,6 +121,7 @@ def run_spec(
     finally:
         if in_main_thread:
             signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, previous_term)
         if runner.outcome in ("done", "stopped"):  # (after a lost process it could hang)
             distributed.shutdown()
     if runner.outcome == "stopped" and is_main():

@@ -158,11 +158,9 @@ class TorchReducer(Reducer):
         try:
             return fn(*args, **kwargs)
         except RuntimeError as err:  # torch.distributed's errors are RuntimeErrors
-            first = " ".join(str(err).split())[:300]
             raise DistributedError(
-                f"{self.describe()}: {what} failed, another process of the job stopped or "
-                f"cannot be reached ({first}); the job stops, and resume continues from the "
-                "last checkpoint"
+                f"another process of the job stopped or cannot be reached while {what} "
+                f"({_short(err)}); the job stops, and resume continues from the last checkpoint"
             ) from None
 
     def sum(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -217,6 +215,15 @@ class TorchReducer(Reducer):
 
     def barrier(self) -> None:
         self._collective("waiting for the other processes", self._dist.barrier)
+
+
+def _short(err: BaseException) -> str:
+    """The gist of a backend's error: ``[.../pair.cc:537] Read error ...: Connection reset
+    by peer. This is typically ...`` -> ``Read error ...: Connection reset by peer``."""
+    text = " ".join(str(err).split())
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". ", 1)[0][:200]
 
 
 def _assignment_columns(assignments) -> list[tuple[str, int]]:
@@ -280,10 +287,8 @@ def from_environment(device: str = "auto") -> Reducer:
         try:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds()))
         except (RuntimeError, ValueError) as err:
-            first = " ".join(str(err).split())[:300]
             raise DistributedError(
-                f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}: "
-                f"cannot join the other processes of the job ({first})"
+                f"cannot join the other processes of the job ({_short(err)})"
             ) from None
     return TorchReducer()
 
