@@ -492,6 +492,7 @@ class Class2DModel:
         if marginal:
             keep, keep_phases = self.marginal_band()
             sink = _Buckets.create(k, space.n_coarse, int(keep.sum()), self.device)
+            keep_at = torch.nonzero(keep).flatten()  # (positions: no GPU sync per chunk)
         else:
             sink = _Contributions.create(len(mine), space.n_refine, self.device)
         results = _Results.create(len(mine), self.device)
@@ -525,7 +526,7 @@ class Class2DModel:
                 if hard:
                     out.gamma = torch.nn.functional.one_hot(out.best, k).float()
                 if marginal:
-                    y, wc2 = self._data_terms(x[:, keep], ctf_vals[:, keep], keep)
+                    y, wc2 = self._data_terms(x[:, keep_at], ctf_vals[:, keep_at], keep_at)
                     sink.add(h, out, y, wc2, keep_phases)
                 else:
                     sink.add(out, space)
@@ -534,7 +535,7 @@ class Class2DModel:
                 const = -(w_align * x.abs() ** 2).sum(1)
                 results.add(out, space, ess_class, out.loglik + const)
                 # noise: residual power at the best class and pose
-                band = space.align_band
+                band = space.align_index
                 tmpl = table.reshape(k * space.n_fine, -1)[out.best * space.n_fine + out.rotation]
                 model = ctf[:, band] * tmpl * align_phases(out.shift).conj()
                 noise_sum += align_grid.ring_average((x[:, band] - model).abs() ** 2).sum(0)
