@@ -309,6 +309,7 @@ class Class2DJob:
                 cache,
                 seed=self.config.seed,
                 shard=self.reducer.shard,
+                device=self.device,
             )
             self.model = Class2DModel(self.config, params, self.device)
             self.model.reducer = self.reducer
@@ -648,6 +649,7 @@ class Class2DJob:
             self.out_dir / "cache",
             seed=self.config.seed,
             shard=self.reducer.shard,
+            device=self.device,
         )
         t0 = time.perf_counter()
         rebuilt = self.pool.reopen(sets, tensors["half"].numpy())

@@ -50,6 +50,9 @@ class ParticlePool:
         Particles preprocessed at a time (bounds memory).
     shard
         The particles this process holds (default: all).
+    device
+        Where the particles are preprocessed (Fourier transforms, CTFs): the job's
+        device; the cache is on the host either way.
     """
 
     def __init__(
@@ -60,9 +63,11 @@ class ParticlePool:
         seed: int = 0,
         chunk_size: int = 512,
         shard: Shard | None = None,
+        device: torch.device | str = "cpu",
     ):
         self.params = params
         self.grid = grid
+        self.device = torch.device(device)
         self.shard = shard if shard is not None else Shard()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         if self.cache_dir is not None and self.shard.folder is not None:
@@ -81,9 +86,11 @@ class ParticlePool:
         radius_px = 0.5 * params.particle_diameter_A / params.pixel_size_A
         c = np.arange(d0) - d0 // 2
         r = np.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
-        self._background = torch.from_numpy(r > min(radius_px, 0.95 * d0 / 2))
-        self._window = particle_window(params)
-        self._full_grid = FourierGrid.create(d0)
+        background = torch.from_numpy((r > min(radius_px, 0.95 * d0 / 2)).ravel())
+        self._background_at = torch.nonzero(background).flatten().to(self.device)
+        self._window = particle_window(params).to(self.device)
+        self._full_grid = FourierGrid.create(d0, self.device)
+        self._ctf_grid = FourierGrid.create(grid.box, self.device)
         # kept coefficients of the working box, located in the original box's list
         lookup = {
             (int(y), int(x)): i
@@ -97,6 +104,7 @@ class ParticlePool:
                 for y, x in zip(grid.ky.tolist(), grid.kx.tolist(), strict=True)
             ],
             dtype=torch.long,
+            device=self.device,
         )
         self._scale = grid.box / d0
 
@@ -154,12 +162,12 @@ class ParticlePool:
         ctf_vals = self._new_block(len(held), "ctf", (self.grid.n,), block)
         for start in range(0, len(held), self.chunk_size):  # CTF once per particle, cached
             sel = slice(start, min(start + self.chunk_size, len(held)))
-            vals = (
-                ctf_values(torch.from_numpy(ctf[held[sel]]), self.grid, p.working_pixel_size_A)
-                if particles.has_ctf
-                else torch.ones((sel.stop - sel.start, self.grid.n))
-            )
-            ctf_vals[sel] = vals.to(torch.float16).numpy()
+            if particles.has_ctf:
+                rows = torch.from_numpy(ctf[held[sel]]).to(self.device)
+                vals = ctf_values(rows, self._ctf_grid, p.working_pixel_size_A)
+            else:
+                vals = torch.ones((sel.stop - sel.start, self.grid.n))
+            ctf_vals[sel] = vals.to(torch.float16).cpu().numpy()
         for start in range(0, len(held), self.chunk_size):
             sel = slice(start, min(start + self.chunk_size, len(held)))
             idx = held[sel]
@@ -184,12 +192,13 @@ class ParticlePool:
         return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
 
     def _preprocess(self, x: torch.Tensor) -> np.ndarray:
-        bg = x[:, self._background]
+        x = x.to(self.device)
+        bg = x.flatten(1)[:, self._background_at]
         mean = bg.mean(1)
         std = bg.std(1).clamp(min=1e-6)
         x = (x - mean[:, None, None]) / std[:, None, None] * self._window
         c = self._full_grid.forward(x)[:, self._crop_index] * self._scale
-        return torch.stack((c.real, c.imag), 1).to(torch.float16).numpy()
+        return torch.stack((c.real, c.imag), 1).to(torch.float16).cpu().numpy()
 
     @staticmethod
     def _ctf_array(particles: ParticleSet) -> np.ndarray:
