@@ -112,13 +112,8 @@ def run_recorded(
                 torch.cuda.reset_peak_memory_stats(device)
             rows.append(row)
             previous_t = now
-            print(
-                f"  it {row['iteration']:3d} {row['phase']:7s} {row['n_particles']:8d} particles "
-                f"{row['iteration_s']:8.1f} s (+ {row['checkpoint_and_outputs_s']:5.1f} s "
-                f"checkpoint/outputs), anonymous {row['rss'].get('RssAnon', 0):6.0f} MiB, "
-                f"file-backed {row['rss'].get('RssFile', 0):6.0f} MiB, at {now:8.1f} s",
-                flush=True,
-            )
+            if job.reducer.is_main:
+                print(_line(row), flush=True)
             if record_path is not None:
                 record.update(_summary(job, marks, rows, memory, now))
                 write_json(Path(record_path), record)
@@ -137,6 +132,16 @@ def run_recorded(
     if record_path is not None:
         write_json(Path(record_path), record)
     return record
+
+
+def _line(row: dict) -> str:
+    rss = row["rss"]
+    return (
+        f"  it {row['iteration']:3d} {row['phase']:7s} {row['n_particles']:8d} particles "
+        f"{row['iteration_s']:8.1f} s (+ {row['checkpoint_and_outputs_s']:5.1f} s "
+        f"checkpoint/outputs), anonymous {rss.get('RssAnon', 0):6.0f} MiB, "
+        f"file-backed {rss.get('RssFile', 0):6.0f} MiB, at {row['ended_at_s']:8.1f} s"
+    )
 
 
 def _summary(job, marks: dict, rows: list[dict], memory: MemorySampler, now: float) -> dict:
