@@ -46,14 +46,24 @@ FLAGS = [
 N_ITERATIONS = 5
 
 
-def write_particles(folder: Path, n: int = 400, seed: int = 3) -> Path:
-    """A RELION 3.1 particle file with its stack: 3 views, CTF, SNR 0.5, box 32."""
+def write_particles(folder: Path, n: int = 400, seed: int = 3, files: int = 1) -> Path:
+    """RELION 3.1 particle files with their stacks: 3 views, CTF, SNR 0.5, box 32; with
+    ``files`` > 1 one STAR file and stack per micrograph (a folder to stream)."""
     folder.mkdir(parents=True, exist_ok=True)
     ps = make_particles(n, box=32, pixel_size_A=5.0, n_views=3, snr=0.5, seed=seed)[0]
-    with mrcfile.new(folder / "stack.mrcs", overwrite=True) as m:
+    if files > 1:
+        for f, rows in enumerate(np.array_split(np.arange(n), files)):
+            _write(folder / f"mic{f:03d}", ps.subset(rows))
+        return folder
+    return _write(folder / "particles", ps)
+
+
+def _write(stem: Path, ps) -> Path:
+    with mrcfile.new(stem.with_suffix(".mrcs"), overwrite=True) as m:
         m.set_data(ps.read_images())
         m.set_image_stack()
         m.voxel_size = 5.0
+    n = ps.n_particles
     c = ps.ctf
     optics = pd.DataFrame(
         {
@@ -69,14 +79,14 @@ def write_particles(folder: Path, n: int = 400, seed: int = 3) -> Path:
     )
     particles = pd.DataFrame(
         {
-            "rlnImageName": [f"{i + 1:06d}@stack.mrcs" for i in range(n)],
+            "rlnImageName": [f"{i + 1:06d}@{stem.name}.mrcs" for i in range(n)],
             "rlnOpticsGroup": 1,
             "rlnDefocusU": c.defocus_u_A,
             "rlnDefocusV": c.defocus_v_A,
             "rlnDefocusAngle": c.astigmatism_angle_deg,
         }
     )
-    star = folder / "particles.star"
+    star = stem.with_suffix(".star")
     starfile.write({"optics": optics, "particles": particles}, star, float_format="%.6f")
     return star
 
@@ -256,3 +266,18 @@ def test_a_process_that_dies_stops_the_job_with_a_clear_error_and_resume_continu
     assert cli_main(["classify", str(star), "--out", str(out), "--resume", "--quiet", *FLAGS]) == 0
     assert (out / "cache" / "block_00000.npy").is_file()
     assert_same_result(one_process, result_of(out))
+
+
+@pytest.mark.slow
+def test_a_stream_under_torchrun_gives_the_one_process_result(tmp_path):
+    """Rank 0 watches the folder and hands what arrives to rank 1. All files are there at
+    the start and no full iteration is triggered before the idle finish, so the schedule
+    does not depend on timing."""
+    watch = write_particles(tmp_path / "watch", files=5)
+    flags = [*FLAGS, "--full-every", "100000", "--finish-after-idle", "1", "--poll-seconds", "0.2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli_main(["stream", str(watch), "--out", str(one), "--quiet", *flags]) == 0
+    run = torchrun(2, "-m", "napari_class2d", "stream", str(watch), "--out", str(two), *flags)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert_same_result(result_of(one), result_of(two))
+    assert (two / "cache" / "particles_00000.star").is_file()  # rank 0 keeps the block tables
