@@ -238,7 +238,10 @@ def test_stop_under_torchrun_then_resume_gives_the_uninterrupted_result(
                        "--", "classify", str(star), "--out", str(out), *FLAGS)  # fmt: skip
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert checkpoint_counters(out)["iteration"] == 2
-    assert "Resume with:" in stopped.stdout and "torchrun --nproc-per-node 2" in stopped.stdout
+    assert (
+        "Resume with:" in stopped.stdout
+        and "torchrun --standalone --nproc-per-node 2" in stopped.stdout
+    )
     resumed = classify(2, star, out, "--resume")
     assert "resumed after iteration 2" in resumed.stdout
     assert checkpoint_counters(out)["done"]

@@ -320,4 +320,6 @@ def launch_words(command: Sequence[str]) -> list[str]:
     words = ["torchrun"]
     if world > local:  # several nodes: their rendezvous options as before ("...")
         words += ["--nnodes", str(world // max(local, 1)), "..."]
+    else:
+        words += ["--standalone"]
     return [*words, "--nproc-per-node", str(local), "-m", "napari_class2d", *command]
