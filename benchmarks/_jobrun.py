@@ -97,7 +97,10 @@ def run_recorded(
                 "iteration": snap.iteration,
                 "phase": snap.phase,
                 "n_particles": snap.n_particles_used,
-                "marginalised": bool(t.get("marginalised_poses", 0.0)),
+                # share of the particles whose rotations were marginalised
+                "marginalised": float(
+                    t.get("marginalised_fraction", t.get("marginalised_poses", 0.0))
+                ),
                 "iteration_s": now - start - outside,
                 "e_step_s": float(t.get("e_step_s", 0.0)),
                 "m_step_s": float(t.get("m_step_s", 0.0)),
@@ -156,7 +159,7 @@ def _summary(job, marks: dict, rows: list[dict], memory: MemorySampler, now: flo
             "seconds": total,
             "particles": n,
             "particles_per_s": n / total if total > 0 else None,
-            "marginalised_iterations": sum(r["marginalised"] for r in sel),
+            "marginalised_particles": sum(r["marginalised"] * r["n_particles"] for r in sel),
         }
     seconds = dict(job.seconds)
     n = job.n_particles

@@ -70,17 +70,13 @@ def fit_to_disk(n: int, per_particle: int, folder: Path) -> tuple[int, int]:
 
 
 def per_particle_costs(record: dict) -> dict:
-    """Seconds per particle of marginalised online, best-pose online and full iterations."""
+    """Seconds per particle of the online and of the full iterations."""
     out = {}
-    for name, test in (
-        ("online_marginalised", lambda r: r["phase"] == "online" and r["marginalised"]),
-        ("online_best_pose", lambda r: r["phase"] == "online" and not r["marginalised"]),
-        ("full", lambda r: r["phase"] == "full"),
-    ):
-        rows = [r for r in record["iterations"] if test(r)]
+    for kind in ("online", "full"):
+        rows = [r for r in record["iterations"] if r["phase"] == kind]
         n = sum(r["n_particles"] for r in rows)
         if n:
-            out[name] = sum(r["iteration_s"] for r in rows) / n
+            out[kind] = sum(r["iteration_s"] for r in rows) / n
     return out
 
 
@@ -92,13 +88,7 @@ def extrapolate(big: dict, small: dict, k_to: int) -> dict:
     cost_to = per_particle_costs(small[k_to])
     ratio = {k: cost_to[k] / cost_from[k] for k in cost_from if k in cost_to}
     batch_ratio = k_to / k_from  # online batches are batch_size_per_class x K
-    online = 0.0
-    for r in big["iterations"]:
-        if r["phase"] != "online":
-            continue
-        kind = "online_marginalised" if r["marginalised"] else "online_best_pose"
-        scale = ratio.get(kind, ratio.get("online_marginalised", 1.0))
-        online += r["iteration_s"] * scale * batch_ratio
+    online = big["online"]["seconds"] * ratio.get("online", 1.0) * batch_ratio
     full = big["full"]["seconds"] * ratio.get("full", 1.0)
     fixed = big["read_star_s"] + big["preprocessing_s"] + big["checkpoints_s"] + big["outputs_s"]
     init = big["initialisation_s"] * batch_ratio
@@ -155,7 +145,7 @@ def describe(rec: dict) -> str:
         lines.append(
             f"  {kind}: {p['iterations']} iterations, {p['seconds']:.0f} s, "
             f"{p['particles_per_s'] or 0:.0f} particles/s "
-            f"({p['marginalised_iterations']} marginalised)"
+            f"({p['marginalised_particles']:.0f} particles with rotations marginalised)"
         )
     lines.append(
         f"  checkpoints {rec['checkpoints_s']:.0f} s, RELION outputs {rec['outputs_s']:.0f} s; "

@@ -4,7 +4,7 @@ classes and averages as one process, stop and resume, a process that dies.
 Tolerance of "the same": the processes sum their partial statistics, so the float32
 sums are added in another order than one process adds them (and the E-step's matrix
 products run on other batch sizes). The difference is a few float32 roundings: on
-these data the class averages differ by ~2e-7 of their largest value and the
+these data the class averages differ by less than 1e-6 of their largest value and the
 per-particle probabilities by ~3e-5. The tests ask for identical classes, rotations and
 shifts (poses come from a discrete grid, so a rounding changes one only at an exact
 tie) and for averages within 1e-5 of their largest value, log-likelihoods within 1e-5

@@ -40,6 +40,7 @@ from napari_class2d.engine.checkpoint import CheckpointError
 from napari_class2d.engine.config import Class2DConfig, ConfigError
 from napari_class2d.engine.fourier import fourier_pad
 from napari_class2d.engine.model import (
+    FULL_STEP_SIZE,
     ONLINE_STEP_SIZE,
     Class2DModel,
     IterationStats,
@@ -401,7 +402,14 @@ class Class2DJob:
         indices = np.arange(self.n_particles)
         self.seen[:] = True
         stats = self.model.iterate(
-            self.pool, indices, self.assignments, 1.0, 1.0, hard=hard, online=False, rng=self.rng
+            self.pool,
+            indices,
+            self.assignments,
+            1.0,
+            FULL_STEP_SIZE,
+            hard=hard,
+            online=False,
+            rng=self.rng,
         )
         if final:
             self.full_done += 1
@@ -421,7 +429,15 @@ class Class2DJob:
         self.seen[new] = True
         frac = len(new) / max(self.n_particles, 1)
         stats = self.model.iterate(
-            self.pool, new, self.assignments, 1.0, frac, hard=False, online=False, rng=self.rng
+            self.pool,
+            new,
+            self.assignments,
+            1.0,
+            frac,
+            hard=False,
+            online=False,
+            rng=self.rng,
+            rescale=False,
         )
         self.incremental_updates += 1
         self.n_at_last_update = self.n_particles

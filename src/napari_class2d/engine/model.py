@@ -39,32 +39,36 @@ from napari_class2d.engine.reconstruct import (
     class_power,
     current_radius,
     data_vs_prior,
+    orientable_ssnr,
     regularised_average,
     resolution_from_frc,
     rotated_ctf_weight,
     signal_prior,
 )
 from napari_class2d.engine.search import (
-    MarginalResult,
     PhaseTable,
     SearchResult,
     SearchSpace,
     SearchTables,
-    marginal_search,
     search,
 )
 
 #: step size of online-EM iterations after the first (documented in docs/parameters.md)
 ONLINE_STEP_SIZE = 0.5
+#: step size of full iterations: the running statistics, scaled to all particles, keep
+#: half the weight, so no class average rests on a single E-step (on real particles a
+#: single pass leaves small classes with their members' background as texture)
+FULL_STEP_SIZE = 0.5
 #: posteriors below this (relative to the particle's best class) do not enter the M-step
 MIN_WEIGHT = 0.01
 #: iterations aligned to the full averages before each half set is aligned to the other's
 CROSS_HALF_START = 3
 #: a class whose soft count falls below this fraction of the mean is "emptied"
 EMPTY_FRACTION = 0.05
-#: online iterations marginalise over rotations until the mean best-pose probability
-#: (RELION's ave_Pmax) of a marginalised iteration reaches this
-SHARP_POSTERIOR = 0.5
+#: a particle keeps its best pose when at least this much of its rotation posterior (best
+#: class, coarse pass) lies within one coarse step of the best rotation; otherwise its
+#: rotations are marginalised (see Class2DModel.iterate)
+SHARP_POSTERIOR = 0.8
 
 
 @dataclass
@@ -108,7 +112,8 @@ class _ChunkResult:
     max_prob: torch.Tensor  # (B,) posterior of the best class and pose
     ess_pose: torch.Tensor  # (B,) effective number of poses
     loglik: torch.Tensor  # (B,) pose-dependent log-likelihood of the best class
-    search: SearchResult | MarginalResult
+    search: SearchResult
+    broad: torch.Tensor  # (B,) bool: rotations marginalised for this particle
 
 
 @dataclass
@@ -141,6 +146,7 @@ class _Contributions:
         g_top = out.gamma.gather(1, res.classes)
         g_top = torch.where(g_top >= MIN_WEIGHT * g_top[:, :1], g_top, 0.0)
         g_top = g_top / g_top.sum(1, keepdim=True).clamp(min=1e-30)
+        g_top = torch.where(out.broad[:, None], 0.0, g_top)  # these go to the buckets
         rows = slice(self.filled, self.filled + g_top.shape[0])
         self.filled = rows.stop
         self.classes[rows] = res.classes
@@ -210,16 +216,24 @@ class _Buckets:
         )
 
     def add(
-        self, h: int, out: _ChunkResult, y: torch.Tensor, wc2: torch.Tensor, phases: PhaseTable
+        self,
+        h: int,
+        weights: torch.Tensor,
+        shifts: torch.Tensor,
+        y: torch.Tensor,
+        wc2: torch.Tensor,
+        phases: PhaseTable,
     ) -> None:
-        """Add a chunk of half set ``h``: ``y = w·CTF·X`` (complex) and ``wc2 = w·CTF²``,
-        ``(B, F)`` on the averaged frequencies, ``phases`` their shift table."""
-        b, k, r = out.search.rotation_posterior.shape
-        w = out.gamma[:, :, None] * out.search.rotation_posterior  # (B, K, R)
-        z = y[:, None, :] * phases(out.search.shift)  # (B, K, F): each class's best shift
-        acc = torch.bmm(w.permute(1, 2, 0), torch.view_as_real(z).flatten(-2).transpose(0, 1))
+        """Add particles of half set ``h``: ``weights`` ``(B, K, R)`` (class times rotation
+        posterior), each class's best shift ``(B, K, 2)`` px, ``y = w·CTF·X`` (complex) and
+        ``wc2 = w·CTF²``, ``(B, F)`` on the averaged frequencies, ``phases`` their table."""
+        b, k, r = weights.shape
+        z = y[:, None, :] * phases(shifts)  # (B, K, F): each class's best shift
+        acc = torch.bmm(
+            weights.permute(1, 2, 0), torch.view_as_real(z).flatten(-2).transpose(0, 1)
+        )
         self.num[h] += torch.view_as_complex(acc.reshape(k, r, -1, 2).contiguous())
-        self.den[h] += (w.reshape(b, k * r).T @ wc2).reshape(k, r, -1)
+        self.den[h] += (weights.reshape(b, k * r).T @ wc2).reshape(k, r, -1)
 
     def class_frame(
         self, space: SearchSpace, grid: FourierGrid, keep: torch.Tensor, ctf_mode: str
@@ -233,7 +247,7 @@ class _Buckets:
         den = torch.zeros((two * k, f), device=self.num.device)
         flat_num = self.num.reshape(two * k * r, -1)
         flat_den = self.den.reshape(two * k * r, -1)
-        step = 512  # bounds the real-space temporaries
+        step = 128  # bounds the oversampled spectra of turned_back
         for s in range(0, flat_num.shape[0], step):
             rows = slice(s, s + step)
             slot = torch.arange(s, min(s + step, flat_num.shape[0]), device=num.device) // r
@@ -313,8 +327,8 @@ class Class2DModel:
         self.initialised = False
         #: M-steps from E-step assignments since the initialisation (see _search_references)
         self.n_updates = 0
-        #: online iterations marginalise over in-plane rotations (see iterate)
-        self.marginalise_poses = True
+        #: particles the running statistics num/den stand for (see iterate)
+        self.statistics_particles = 0
         #: distributed: the processes' collectives; the job sets it (one process: no-ops)
         self.reducer: Reducer = LOCAL
 
@@ -326,8 +340,8 @@ class Class2DModel:
         } | {
             "initialised": self.initialised,
             "n_updates": self.n_updates,
+            "statistics_particles": self.statistics_particles,
             "current_radius": self.current_radius,
-            "marginalise_poses": self.marginalise_poses,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -384,7 +398,7 @@ class Class2DModel:
             self._m_band = (r, keep, table)
         return self._m_band[1:]
 
-    def _chunk(self, pool: ParticlePool, space: SearchSpace, marginal: bool = False) -> int:
+    def _chunk(self, pool: ParticlePool, space: SearchSpace) -> int:
         """Particles per E-step chunk: within the memory budget and small enough that the
         temporaries (a few MB each) are reused by the allocator instead of page-faulted in."""
         k, f = self.config.n_classes, int(space.align_band.sum())
@@ -394,8 +408,8 @@ class Class2DModel:
         per_particle = (
             8 * f * (4 + 3 * n1 + 2 * n * (j + 9)) + 8 * 3 * fp * n1 + 8 * k * t * space.n_coarse
         )
-        if marginal:  # each particle shifted for every class, in the particle frame
-            per_particle += 8 * k * self.grid.n * 2
+        # a particle whose rotations are marginalised is shifted for every class
+        per_particle += 8 * k * self.grid.n * 2
         fits = pool.chunk_size_for(per_particle, self.config.memory_budget_GB)
         if self.device.type == "cpu":
             # temporaries of a few tens of MB are reused by the allocator, larger ones
@@ -458,7 +472,7 @@ class Class2DModel:
         self._update_references()
         self.initialised = True
         self.n_updates = 0
-        self.marginalise_poses = True
+        self.statistics_particles = n
 
     # -- one iteration -----------------------------------------------------------------
     def iterate(
@@ -471,35 +485,44 @@ class Class2DModel:
         hard: bool,
         online: bool,
         rng: np.random.Generator,
+        rescale: bool = True,
     ) -> IterationStats:
         """One EM iteration over the particles at ``indices``; updates ``assignments``.
 
-        Online iterations marginalise over in-plane rotations while the pose posteriors
-        are broad (:attr:`marginalise_poses`, see :meth:`_marginal_chunk`); otherwise the
-        coarse-to-fine search keeps the best pose of the best classes.
+        The new statistics are blended into the running ones with ``step_size``, after
+        the running ones are scaled to as many particles as this batch (``rescale``;
+        off for an update that adds new particles' statistics to all the others).
+
+        Each particle is searched coarse to fine (:func:`search`). Where its rotation
+        posterior is sharp it keeps its best pose in its best classes; where it is broad
+        (blob-like classes early on, junk, particles that fit no class) its classes are
+        scored and averaged with the in-plane rotations of the coarse pass marginalised
+        (:meth:`_posteriors`), as RELION's expectation does, so its noise is not aligned.
         """
         t0 = time.perf_counter()
         cfg = self.config
         k = cfg.n_classes
-        marginal = online and self.marginalise_poses
+        # the masked particles' coefficients are correlated: only a fraction of them are
+        # independent measurements (see independent_fraction)
+        annealing = annealing / pool.independent_fraction
         space, align_grid, align_phases = self.search_band()
+        keep, keep_phases = self.marginal_band()
         weight = self._weight()
         w_align = weight * space.align_band
+        band = space.align_index  # (positions, not a mask: no GPU sync per chunk)
         log_prior = torch.log(self.prior.clamp(min=1e-12))
-        chunk = self._chunk(pool, space, marginal)
+        chunk = self._chunk(pool, space)
         n = len(indices)
         mine = self.reducer.mine(indices)  # distributed: this process's share of the batch
-        if marginal:
-            keep, keep_phases = self.marginal_band()
-            sink = _Buckets.create(k, space.n_coarse, int(keep.sum()), self.device)
-            keep_at = torch.nonzero(keep).flatten()  # (positions: no GPU sync per chunk)
-        else:
-            sink = _Contributions.create(len(mine), space.n_refine, self.device)
+        best_poses = _Contributions.create(len(mine), space.n_refine, self.device)
+        buckets = _Buckets.create(k, space.n_coarse, int(keep.sum()), self.device)
+        keep_at = torch.nonzero(keep).flatten()  # (positions, not a mask: no GPU sync per chunk)
         results = _Results.create(len(mine), self.device)
         counts_soft = torch.zeros(k, device=self.device)
         ess_sum = torch.zeros(k, device=self.device)
         noise_sum = torch.zeros(self.grid.n_rings, device=self.device)
         pmax_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        n_broad = 0
         t_search = t_table = 0.0
         # each half set is aligned against the other half's references (see class docs)
         half = pool.half[mine]
@@ -515,27 +538,41 @@ class Class2DModel:
             t_table += time.perf_counter() - tt
             for s in range(0, len(members), chunk):
                 idx = members[s : s + chunk]
-                x, ctf_vals, params = pool.get(idx, self.device)
+                x, ctf_vals, _ = pool.get(idx, self.device)
                 ctf = self._model_ctf(ctf_vals)
                 ts = time.perf_counter()
-                step = self._marginal_chunk if marginal else self._best_pose_chunk
-                out = step(x, ctf, w_align, tables, space, align_phases, annealing, log_prior)
+                res = search(
+                    x,
+                    ctf,
+                    w_align,
+                    tables,
+                    space,
+                    self.grid,
+                    cfg.force_max_over_poses,
+                    annealing,
+                    align_phases,
+                )
+                out = self._posteriors(res, log_prior, annealing)
                 t_search += time.perf_counter() - ts
                 ess_class = 1.0 / (out.gamma**2).sum(1)
                 ess_sum.index_add_(0, out.best, ess_class)
                 if hard:
                     out.gamma = torch.nn.functional.one_hot(out.best, k).float()
-                if marginal:
-                    y, wc2 = self._data_terms(x[:, keep_at], ctf_vals[:, keep_at], keep_at)
-                    sink.add(h, out, y, wc2, keep_phases)
-                else:
-                    sink.add(out, space)
+                best_poses.add(out, space)
+                broad = out.broad
+                if bool(broad.any()):
+                    m = res.marginal
+                    y, wc2 = self._data_terms(
+                        x[broad][:, keep_at], ctf_vals[broad][:, keep_at], keep_at
+                    )
+                    w = out.gamma[broad][:, :, None] * m.rotation_posterior[broad]
+                    buckets.add(h, w, m.shift[broad], y, wc2, keep_phases)
+                    n_broad += int(broad.sum())
                 counts_soft += out.gamma.sum(0)
                 pmax_sum += out.max_prob.sum()
                 const = -(w_align * x.abs() ** 2).sum(1)
                 results.add(out, space, ess_class, out.loglik + const)
                 # noise: residual power at the best class and pose
-                band = space.align_index
                 tmpl = table.reshape(k * space.n_fine, -1)[out.best * space.n_fine + out.rotation]
                 model = ctf[:, band] * tmpl * align_phases(out.shift).conj()
                 noise_sum += align_grid.ring_average((x[:, band] - model).abs() ** 2).sum(0)
@@ -543,23 +580,25 @@ class Class2DModel:
         results.store(assignments, order)
         t_e = time.perf_counter() - t0
         # distributed: the E-step's sums and per-particle results over all processes
-        counts_soft, ess_sum, noise_sum, pmax_sum = self.reducer.sum(
-            counts_soft, ess_sum, noise_sum, pmax_sum
+        broad_count = torch.tensor(float(n_broad), dtype=torch.float64, device=self.device)
+        counts_soft, ess_sum, noise_sum, pmax_sum, broad_count = self.reducer.sum(
+            counts_soft, ess_sum, noise_sum, pmax_sum, broad_count
         )
         self.reducer.share_assignments(assignments, indices)
-        pmax_sum = float(pmax_sum)
+        pmax_sum, n_broad = float(pmax_sum), int(broad_count)
         counts_hard = np.bincount(assignments.best_class[indices], minlength=k)
-        if marginal:
-            num, den = sink.class_frame(space, self.grid, keep, cfg.ctf_correction)
-            num, den = self.reducer.sum(num, den)  # distributed: over all processes
-            # RELION's ave_Pmax: once most particles have a clear pose, keep the best one
-            if pmax_sum / n >= SHARP_POSTERIOR:
-                self.marginalise_poses = False
-        else:
-            num, den = self._accumulate(pool, order, *sink.tensors())
+        num, den = self._accumulate(pool, order, *best_poses.tensors())
+        if n_broad:
+            num_b, den_b = buckets.class_frame(space, self.grid, keep, cfg.ctf_correction)
+            num_b, den_b = self.reducer.sum(num_b, den_b)  # distributed: over all processes
+            num, den = num + num_b, den + den_b
         eta = step_size
-        self.num = (1 - eta) * self.num + eta * num
-        self.den = (1 - eta) * self.den + eta * den
+        # the running statistics stand for `statistics_particles` particles: put them in
+        # the units of this batch before blending (a full pass after mini-batches)
+        scale = n / self.statistics_particles if rescale and self.statistics_particles else 1.0
+        self.num = (1 - eta) * scale * self.num + eta * num
+        self.den = (1 - eta) * scale * self.den + eta * den
+        self.statistics_particles = n if rescale else max(self.statistics_particles, n)
         # rings outside the alignment band keep their estimate
         in_band = torch.bincount(align_grid.ring, minlength=self.grid.n_rings) > 0
         batch_noise = torch.where(in_band, noise_sum / n, self.noise)
@@ -574,11 +613,8 @@ class Class2DModel:
         self._update_references()
         self.n_updates += 1
         t_m = time.perf_counter() - t0 - t_e
-        coarse = k * space.n_coarse * space.coarse_shifts.shape[0]
         evals = n * (
-            coarse
-            if marginal
-            else coarse
+            k * space.n_coarse * space.coarse_shifts.shape[0]
             # pose band: P coarse poses, J rotations, 9 shifts; then the full band once
             + space.n_candidates * (space.n_coarse_poses + space.refine_offsets.numel() + 9 + 1)
             + space.n_refine * (9 + 4)  # polish: 0.5-px shifts, ±2 fine rotations
@@ -596,65 +632,63 @@ class Class2DModel:
                 "e_step_s": t_e,
                 "m_step_s": t_m,
                 "evaluations_per_s": evals / max(t_search, 1e-9),
-                "marginalised_poses": float(marginal),
+                "marginalised_fraction": n_broad / max(n, 1),
                 "mean_max_probability": pmax_sum / max(n, 1),
                 "search_radius": float(min(self.current_radius, self._max_align_radius)),
             },
         )
 
-    def _best_pose_chunk(
-        self, x, ctf, w_align, tables, space, phases, annealing, log_prior
+    def _posteriors(
+        self, res: SearchResult, log_prior: torch.Tensor, annealing: float
     ) -> _ChunkResult:
-        """Coarse-to-fine search (:func:`search`): the best pose of the best classes."""
-        res = search(
-            x,
-            ctf,
-            w_align,
-            tables,
-            space,
-            self.grid,
-            self.config.force_max_over_poses,
-            annealing,
-            phases,
-        )
-        gamma = torch.softmax(log_prior + res.class_loglik / annealing, 1)  # (B, K)
-        best = gamma.argmax(1)
-        # per-particle outputs at the best class (the first refined class may differ)
-        pos = (res.classes == best[:, None]).float().argmax(1)
+        """Class posteriors and each particle's best class and pose, from its best poses
+        where its rotation posterior is sharp and with rotations marginalised where it is
+        broad (less than :data:`SHARP_POSTERIOR` within one coarse step of the best)."""
+        m = res.marginal
+        g_marg = torch.softmax(log_prior + m.class_loglik / annealing, 1)
+        best_m = g_marg.argmax(1)
+        post = m.rotation_posterior.gather(
+            1, best_m[:, None, None].expand(-1, 1, m.rotation_posterior.shape[-1])
+        )[:, 0]
+        n_rot = post.shape[-1]
+        # (made on the device: a torch.tensor of a list would be copied to a GPU every chunk)
+        near = post.argmax(-1, keepdim=True) + torch.arange(-1, 2, device=post.device)
+        broad = post.gather(1, near % n_rot).sum(1) < SHARP_POSTERIOR
+        # the best poses of the refined classes
+        g_hard = torch.softmax(log_prior + res.class_loglik / annealing, 1)
+        best_h = g_hard.argmax(1)
+        pos = (res.classes == best_h[:, None]).float().argmax(1)
         ps = res.pose_scores.gather(
             1, pos[:, None, None].expand(-1, 1, res.pose_scores.shape[-1])
         )[:, 0]
         p_pose = torch.softmax(ps / annealing, -1)
-        return _ChunkResult(
-            gamma=gamma,
-            best=best,
-            rotation=res.rotation.gather(1, pos[:, None])[:, 0],
-            shift=res.shift.gather(1, pos[:, None, None].expand(-1, 1, 2))[:, 0],
-            max_prob=gamma.max(1).values * p_pose.max(-1).values,
-            ess_pose=1.0 / (p_pose**2).sum(-1),
-            loglik=res.class_loglik.gather(1, best[:, None])[:, 0],
-            search=res,
-        )
 
-    def _marginal_chunk(
-        self, x, ctf, w_align, tables, space, phases, annealing, log_prior
-    ) -> _ChunkResult:
-        """Coarse pass with in-plane rotations marginalised (:func:`marginal_search`)."""
-        res = marginal_search(x, ctf, w_align, tables, space, annealing)
-        gamma = torch.softmax(log_prior + res.class_loglik / annealing, 1)
-        best = gamma.argmax(1)
-        post = res.rotation_posterior.gather(
-            1, best[:, None, None].expand(-1, 1, res.rotation_posterior.shape[-1])
-        )[:, 0]
+        def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            mask = broad.reshape((-1,) + (1,) * (a.dim() - 1))
+            return torch.where(mask, a, b)
+
         return _ChunkResult(
-            gamma=gamma,
-            best=best,
-            rotation=res.rotation.gather(1, best[:, None])[:, 0],
-            shift=res.shift.gather(1, best[:, None, None].expand(-1, 1, 2))[:, 0],
-            max_prob=gamma.max(1).values * post.max(-1).values,
-            ess_pose=1.0 / (post**2).sum(-1),
-            loglik=res.class_loglik.gather(1, best[:, None])[:, 0],
+            gamma=pick(g_marg, g_hard),
+            best=pick(best_m, best_h),
+            rotation=pick(
+                m.rotation.gather(1, best_m[:, None])[:, 0],
+                res.rotation.gather(1, pos[:, None])[:, 0],
+            ),
+            shift=pick(
+                m.shift.gather(1, best_m[:, None, None].expand(-1, 1, 2))[:, 0],
+                res.shift.gather(1, pos[:, None, None].expand(-1, 1, 2))[:, 0],
+            ),
+            max_prob=pick(
+                g_marg.max(1).values * post.max(-1).values,
+                g_hard.max(1).values * p_pose.max(-1).values,
+            ),
+            ess_pose=pick(1.0 / (post**2).sum(-1), 1.0 / (p_pose**2).sum(-1)),
+            loglik=pick(
+                m.class_loglik.gather(1, best_m[:, None])[:, 0],
+                res.class_loglik.gather(1, best_h[:, None])[:, 0],
+            ),
             search=res,
+            broad=broad,
         )
 
     def _data_terms(
@@ -831,8 +865,14 @@ class Class2DModel:
         self.resolution = resolution_from_frc(frc, g, self.pixel_size_A)
         self.references = images
         populated = self.prior > EMPTY_FRACTION / cfg.n_classes
+        import os
+
+        if os.environ.get("C2D_RADIUS", "asym") == "asym":
+            dvp = cfg.regularisation_factor * orientable_ssnr(self.num, self.den, g)
+        else:
+            dvp = data_vs_prior(total_den, tau2, g)
         self.current_radius = current_radius(
-            data_vs_prior(total_den, tau2, g),
+            dvp,
             populated,
             cfg.resolution_increment_px,
             self._max_align_radius,

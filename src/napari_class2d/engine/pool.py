@@ -108,6 +108,19 @@ class ParticlePool:
         )
         self._scale = grid.box / d0
 
+    @property
+    def independent_fraction(self) -> float:
+        """Share of a particle's Fourier coefficients that are independent measurements.
+
+        Every particle is multiplied by the same window (:func:`particle_window`), which
+        correlates neighbouring coefficients: a window covering a fraction ``a`` of the
+        box leaves about ``a`` of them independent (``Σ W² / D²``), while the Gaussian
+        likelihood counts every coefficient as one. Posteriors computed without this
+        are ``1/a`` times too confident (about 3x with a zero mask at the particle
+        diameter), as if the noise model were ``a`` times too small.
+        """
+        return float((self._window**2).mean())
+
     # -- size -----------------------------------------------------------------------
     @property
     def n(self) -> int:

@@ -6,18 +6,17 @@ from __future__ import annotations
 import torch
 
 from napari_class2d.engine.ctf import ctf_at
-from napari_class2d.engine.fourier import FourierGrid, rotate_images
+from napari_class2d.engine.fourier import FourierGrid, turned_back
 
 
 def back_rotate(values: torch.Tensor, angles_deg: torch.Tensor, grid: FourierGrid) -> torch.Tensor:
     """Turn coefficients seen at in-plane angle ψ back to the class frame.
 
     A contribution ``ν(f)`` of a particle at angle ψ estimates ``Â(R_{-ψ} f)``;
-    the class frame needs ``ν(R_ψ g)``: rotate its real-space image by ``-ψ``
-    (bicubic) and transform again. ``values``: ``(M, F)`` complex; ``angles_deg``: ``(M,)``.
+    the class frame needs ``ν(R_ψ g)`` (:func:`~napari_class2d.engine.fourier.turned_back`).
+    ``values``: ``(M, F)`` complex; ``angles_deg``: ``(M,)``.
     """
-    images = grid.inverse(values)
-    return grid.forward(rotate_images(images, -angles_deg, mode="bicubic"))
+    return turned_back(values, angles_deg, grid)
 
 
 def rotated_ctf_weight(
@@ -110,20 +109,46 @@ def data_vs_prior(den: torch.Tensor, tau2: torch.Tensor, grid: FourierGrid) -> t
 def current_radius(
     dvp: torch.Tensor, populated: torch.Tensor, increment: float, max_radius: float
 ) -> float:
-    """Search radius (cycles per box): the last ring before any populated class's
-    ``data_vs_prior`` drops below 1, plus ``increment`` shells, at most ``max_radius``.
+    """Search radius (cycles per box): the last ring before a populated class's
+    ``data_vs_prior`` stays below 1 (two rings in a row, from ring :data:`FIRST_RING`
+    on: the lowest rings hold a handful of coefficients and their estimates are noise),
+    plus ``increment`` shells, at most ``max_radius``.
 
     ``dvp``: ``(K, rings)``; ``populated``: ``(K,)`` bool.
     """
-    rings = torch.arange(dvp.shape[-1], device=dvp.device)
-    below = (dvp < 1.0) & (rings >= 1)
-    first = torch.where(
-        below.any(-1), below.float().argmax(-1), torch.full_like(rings[:1], dvp.shape[-1])
-    )
-    last_good = (first - 1).clamp(min=0)
+    n = dvp.shape[-1]
+    rings = torch.arange(n, device=dvp.device)
+    below = (dvp < 1.0) & (rings >= FIRST_RING)
+    stays = below & torch.cat([below[:, 1:], torch.ones_like(below[:, :1])], 1)
+    first = torch.where(stays.any(-1), stays.float().argmax(-1), torch.full_like(rings[:1], n))
+    last_good = (first - 1).clamp(min=FIRST_RING - 1)
     if bool(populated.any()):
         last_good = last_good[populated]
     return float(min(max_radius, float(last_good.max()) + increment))
+
+
+#: rings below this are not used to decide the search radius (see current_radius)
+FIRST_RING = 3
+
+
+def orientable_ssnr(num: torch.Tensor, den: torch.Tensor, grid: FourierGrid) -> torch.Tensor:
+    """Spectral SNR ``(K, rings)`` of the part of each class average that is not round.
+
+    The half-set averages ``num_h / den_h`` less their rotational averages (the ring
+    means of their transforms), compared by their FRC (``SSNR = FSC/(1 - FSC)``). A round
+    component common to all particles (the mean particle, a halo, a mask edge) carries
+    no in-plane angle and no class, however well it is measured; only the rest can
+    align and separate particles.
+    """
+    eps = 1e-6 * den.mean().clamp(min=1e-30)
+    halves = num / den.clamp(min=eps)
+    halves = halves - grid.ring_average(halves).real[..., grid.ring]
+    a, b = halves[0], halves[1]
+    cross = grid.ring_average((a * b.conj()).real)
+    norm = torch.sqrt(grid.ring_average(a.abs() ** 2) * grid.ring_average(b.abs() ** 2))
+    r = (cross / norm.clamp(min=1e-30)).clamp(1e-4, 0.999)
+    fsc = 2 * r / (1 + r)
+    return fsc / (1 - fsc)
 
 
 def half_set_frc(num: torch.Tensor, den: torch.Tensor, grid: FourierGrid) -> torch.Tensor:

@@ -22,6 +22,7 @@ Scores are the pose-dependent part of the log-likelihood
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cache, cached_property
 
@@ -159,6 +160,30 @@ class SearchSpace:
 
 
 @dataclass
+class MarginalResult:
+    """Per particle of a chunk: classes scored with their in-plane rotations marginalised.
+
+    Attributes
+    ----------
+    class_loglik
+        ``(B, K)``: ``u · log Σ_r exp(s_kr / u) - u · log R_c`` with ``s_kr`` the best
+        score over the coarse shifts at coarse rotation ``r`` and ``u`` the annealing
+        factor, i.e. the log-likelihood with a uniform prior over rotations.
+    rotation_posterior
+        ``(B, K, R_c)``: the rotation posterior within each class.
+    rotation
+        ``(B, K)`` fine rotation index of each class's best coarse pose.
+    shift
+        ``(B, K, 2)`` its shift in working pixels (x, y).
+    """
+
+    class_loglik: torch.Tensor
+    rotation_posterior: torch.Tensor
+    rotation: torch.Tensor
+    shift: torch.Tensor
+
+
+@dataclass
 class SearchResult:
     """Per particle of a chunk: class scores and the best pose per refined class.
 
@@ -175,6 +200,8 @@ class SearchResult:
         ``(B, N, 2)`` best shift in working pixels (x, y).
     pose_scores
         ``(B, N, P)`` scores of the evaluated poses of each refined class.
+    marginal
+        The coarse pass with rotations marginalised (:func:`marginal_scores`).
     """
 
     class_loglik: torch.Tensor
@@ -182,6 +209,7 @@ class SearchResult:
     rotation: torch.Tensor
     shift: torch.Tensor
     pose_scores: torch.Tensor
+    marginal: MarginalResult | None = None
 
 
 #: best coarse poses of each candidate class compared on the pose band (see SearchSpace)
@@ -342,60 +370,21 @@ def coarse_scores(
     return s1.permute(0, 2, 1, 3)
 
 
-@dataclass
-class MarginalResult:
-    """Per particle of a chunk: classes scored with their in-plane rotations marginalised.
+def marginal_scores(s1: torch.Tensor, space: SearchSpace, annealing: float) -> MarginalResult:
+    """The coarse pass's scores ``(B, K, T, R_c)`` with in-plane rotations marginalised.
 
-    Attributes
-    ----------
-    class_loglik
-        ``(B, K)``: ``u · log Σ_r exp(s_kr / u) - u · log R_c`` with ``s_kr`` the best
-        score over the coarse shifts at coarse rotation ``r`` and ``u`` the annealing
-        factor, i.e. the log-likelihood with a uniform prior over rotations.
-    rotation_posterior
-        ``(B, K, R_c)``: the rotation posterior within each class.
-    rotation
-        ``(B, K)`` fine rotation index of each class's best coarse pose.
-    shift
-        ``(B, K, 2)`` its shift in working pixels (x, y).
+    Each coarse rotation keeps its best shift and the class likelihood sums over the
+    rotations (uniform prior). While a particle fits many rotations almost equally
+    (smooth, blob-like classes; junk), summing over them instead of taking the best,
+    which the particle's noise decides, keeps the classes from reproducing noise.
     """
-
-    class_loglik: torch.Tensor
-    rotation_posterior: torch.Tensor
-    rotation: torch.Tensor
-    shift: torch.Tensor
-
-
-def marginal_search(
-    x: torch.Tensor,
-    ctf: torch.Tensor,
-    weight: torch.Tensor,
-    tables: SearchTables,
-    space: SearchSpace,
-    annealing: float,
-) -> MarginalResult:
-    """Score every class with its in-plane rotations marginalised (coarse grid).
-
-    The coarse pass of :func:`search` (every class, coarse rotations and shifts, the
-    coarse band); each rotation keeps its best shift and the class likelihood sums over
-    rotations. While the classes are smooth blobs a particle fits many rotations
-    almost equally; summing over them, instead of taking the best (often decided by
-    the particle's noise), keeps the classes from reproducing noise.
-
-    Parameters are those of :func:`search`.
-    """
-    band = space.align_index
-    wx = (x * ctf * weight)[:, band]
-    wc2 = (ctf * ctf * weight)[:, band]
-    s1 = coarse_scores(wx, wc2, tables, space)  # (B, K, T, Rc)
     n_r = s1.shape[-1]
     per_rot, t_best = s1.max(2)  # (B, K, Rc)
     lse = torch.logsumexp(per_rot / annealing, -1)
-    class_loglik = annealing * (lse - torch.log(torch.tensor(float(n_r))))
+    class_loglik = annealing * (lse - math.log(n_r))
     post = torch.softmax(per_rot / annealing, -1)
     r_best = per_rot.argmax(-1)  # (B, K)
     t_of = t_best.gather(2, r_best[..., None])[..., 0]
-    del s1
     return MarginalResult(
         class_loglik=class_loglik,
         rotation_posterior=post,
@@ -448,7 +437,9 @@ def search(
     dev = x.device
 
     # 1. coarse: every class, coarse rotations and shifts, one matrix product
-    s1 = coarse_scores(wx, wc2, tables, space).reshape(b, k, -1)  # (B, K, T·Rc)
+    s1 = coarse_scores(wx, wc2, tables, space)  # (B, K, T, Rc)
+    marginal = marginal_scores(s1, space, annealing)
+    s1 = s1.reshape(b, k, -1)
     n_p = min(space.n_coarse_poses, s1.shape[-1])
     top_s1, best = s1.topk(n_p, dim=-1)  # (B, K, P) best coarse poses of each class
     coarse_score = top_s1[..., 0]
@@ -531,4 +522,4 @@ def search(
     loglik = torch.full((b, k), -torch.inf, device=dev)
     loglik.scatter_(1, cand, s2)
     loglik.scatter_(1, top, refined)
-    return SearchResult(loglik, top, rot_best, shift_best.float(), pose_scores)
+    return SearchResult(loglik, top, rot_best, shift_best.float(), pose_scores, marginal)
