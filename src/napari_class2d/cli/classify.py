@@ -3,7 +3,9 @@
 Writes ``OUT/run_data.star`` (every particle with its class, psi, origin,
 probability), ``OUT/run_classes.mrcs`` and ``OUT/run_model.star``, refreshed
 after every iteration together with ``OUT/checkpoint.pt``. Ctrl-C stops after
-the current iteration; ``--resume`` continues a stopped job.
+the current iteration; ``--resume`` continues a stopped job. Started by torchrun
+(``torchrun --nproc-per-node N -m napari_class2d classify ...``), the job runs over
+all its processes, one GPU each (docs/distributed.md).
 """
 
 from __future__ import annotations

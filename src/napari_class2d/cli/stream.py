@@ -6,7 +6,8 @@ stacks are written (RELION Extract/jobNNN/, `napari-class2d simulate
 classification on the complete files. Class averages and run_data.star in
 --out are refreshed after every iteration. Press Ctrl-C to stop (the checkpoint
 is kept; continue with --resume), or let --finish-after-idle finish the job once
-no new particles arrived for that long. See docs/streaming.md.
+no new particles arrived for that long. See docs/streaming.md; under torchrun the job
+runs over all its processes (docs/distributed.md).
 """
 
 from __future__ import annotations
