@@ -52,10 +52,17 @@ def run_recorded(
     settings: dict,
     record_path: str | Path | None = None,
     series_every_s: float = 1.0,
+    profile_iteration: int | None = None,
+    trace_path: str | Path | None = None,
 ) -> dict:
     """Run the default schedule of ``settings`` on ``star`` into ``job_dir``; return the
     record (also written to ``record_path`` after every iteration, so a run that is
-    stopped leaves what it measured)."""
+    stopped leaves what it measured).
+
+    ``profile_iteration``: iteration traced with ``torch.profiler`` (a Chrome trace in
+    ``trace_path``); the record then counts its host-device copies and synchronisations
+    (``profile``), to check that the iteration loop on a GPU makes none per chunk.
+    """
     import torch
 
     from napari_class2d.engine.config import Class2DConfig
@@ -84,7 +91,12 @@ def run_recorded(
         job._initialise = initialise
         previous_t = None
         previous_seconds = dict(job.seconds)
+        profiler = None
         for snap in job.run():
+            if profiler is not None:  # the traced iteration has ended
+                profiler.__exit__(None, None, None)
+                record["profile"] = _profile_summary(profiler, snap.iteration, trace_path)
+                profiler = None
             if cuda:
                 torch.cuda.synchronize(device)
             now = time.perf_counter() - t0
@@ -120,6 +132,8 @@ def run_recorded(
             if record_path is not None:
                 record.update(_summary(job, marks, rows, memory, now))
                 write_json(Path(record_path), record)
+            if profile_iteration is not None and snap.iteration == profile_iteration - 1:
+                profiler = _start_profiler(cuda)
     wall = time.perf_counter() - t0
     record.update(_summary(job, marks, rows, memory, wall))
     record["complete"] = job.done
@@ -135,6 +149,29 @@ def run_recorded(
     if record_path is not None:
         write_json(Path(record_path), record)
     return record
+
+
+def _start_profiler(cuda: bool):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    profiler = profile(activities=activities)
+    profiler.__enter__()
+    return profiler
+
+
+def _profile_summary(profiler, iteration: int, trace_path) -> dict:
+    """Host-device copies and synchronisations of the traced iteration (the checkpoint
+    and the outputs rank 0 writes after it included)."""
+    if trace_path is not None:
+        profiler.export_chrome_trace(str(trace_path))
+    # on a GPU: copies and synchronisations; the operators behind them (a tensor read as a
+    # Python number, a boolean mask's count) are counted on a CPU run as well
+    watched = ("Memcpy", "Synchronize", "aten::_local_scalar_dense", "aten::nonzero")
+    counts = {
+        e.key: int(e.count) for e in profiler.key_averages() if any(w in e.key for w in watched)
+    }
+    return {"iteration": iteration, "trace": str(trace_path), "events": counts}
 
 
 def _line(row: dict) -> str:

@@ -48,13 +48,27 @@ def worker(job: dict) -> int:
     from napari_class2d.engine import distributed
 
     rank = int(os.environ.get("RANK", 0))
-    record = Path(job["records"]) / f"rank{rank}.json"
-    run_recorded(job["star"], job["job_dir"], job["settings"], record)
+    records = Path(job["records"])
+    run_recorded(
+        job["star"],
+        job["job_dir"],
+        job["settings"],
+        records / f"rank{rank}.json",
+        profile_iteration=job.get("profile_iteration"),
+        trace_path=records / f"trace_rank{rank}.json",
+    )
     distributed.shutdown()
     return 0
 
 
-def launch(nproc: int, star: Path, job_dir: Path, records: Path, settings: dict) -> int:
+def launch(
+    nproc: int,
+    star: Path,
+    job_dir: Path,
+    records: Path,
+    settings: dict,
+    profile_iteration: int | None = None,
+) -> int:
     """Run the job over ``nproc`` processes (torchrun); the exit code."""
     records.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -66,6 +80,7 @@ def launch(nproc: int, star: Path, job_dir: Path, records: Path, settings: dict)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += ["--nproc-per-node", str(nproc), str(HERE / "gpu.py")]
     job = {"star": str(star), "job_dir": str(job_dir), "records": str(records)}
+    job["profile_iteration"] = profile_iteration
     env[WORKER] = json.dumps(job | {"settings": settings})
     return subprocess.run(cmd, env=env).returncode
 
@@ -99,6 +114,7 @@ def summarise(nproc: int, records: Path) -> dict:
         "gpu_peak_allocated_MB_per_process": gpu,
         "host_peak_anonymous_MB_per_process": [r.get("peak_anon_MB") for r in ranks],
         "engine_commit": main.get("engine_commit"),
+        "profile": main.get("profile"),
     }
 
 
@@ -132,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "gpu")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--keep-cache", action="store_true")
+    ap.add_argument(
+        "--profile-iteration",
+        type=int,
+        default=None,
+        metavar="N",
+        help="trace iteration N with torch.profiler (OUT/nprocP/records/trace_rankR.json) and "
+        "count its host-device copies and synchronisations",
+    )
     if os.environ.get(WORKER):
         return worker(json.loads(os.environ[WORKER]))
     args = ap.parse_args(argv)
@@ -161,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.out / f"nproc{p}"
         shutil.rmtree(work, ignore_errors=True)
         print(f"{p} process(es), {args.n} particles, K = {args.classes}, {args.device} ...")
-        code = launch(p, star, work / "job", work / "records", settings)
+        code = launch(p, star, work / "job", work / "records", settings, args.profile_iteration)
         if code != 0:
             print(f"the run with {p} process(es) failed (exit code {code})", file=sys.stderr)
             return code

@@ -559,15 +559,16 @@ class Class2DModel:
                 if hard:
                     out.gamma = torch.nn.functional.one_hot(out.best, k).float()
                 best_poses.add(out, space)
-                broad = out.broad
-                if bool(broad.any()):
+                # the broad particles as positions: one GPU sync per chunk, not one per mask
+                broad = torch.nonzero(out.broad).flatten()
+                if broad.numel():
                     m = res.marginal
                     y, wc2 = self._data_terms(
                         x[broad][:, keep_at], ctf_vals[broad][:, keep_at], keep_at
                     )
                     w = out.gamma[broad][:, :, None] * m.rotation_posterior[broad]
                     buckets.add(h, w, m.shift[broad], y, wc2, keep_phases)
-                    n_broad += int(broad.sum())
+                    n_broad += broad.numel()
                 counts_soft += out.gamma.sum(0)
                 pmax_sum += out.max_prob.sum()
                 const = -(w_align * x.abs() ** 2).sum(1)
