@@ -5,9 +5,10 @@ processes under ``torchrun``). A job's wall time is split into phases: reading t
 STAR file, preprocessing (reading the stacks and writing the particle cache),
 initialisation, the online and the full iterations (compute only), checkpoints and
 RELION outputs (rank 0 writes them; the other processes wait for it at the next
-collective, so their iteration times include that wait). Memory: anonymous and
-file-backed resident memory of the process, sampled (``MemorySampler``), and on a GPU
-the peak allocated by torch per phase.
+collective, so their iteration times include that wait). Each phase also gets the CPU
+time of the process (user + system), which other work on a shared machine disturbs
+much less than the wall time. Memory: anonymous and file-backed resident memory of the
+process, sampled (``MemorySampler``), and on a GPU the peak allocated by torch per phase.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def run_recorded(
     from napari_class2d.io.readers import read_particles
 
     config = Class2DConfig(**settings).validate()
+    c0 = time.process_time()
     t0 = time.perf_counter()
     marks: dict[str, float] = {}
     rows: list[dict] = []
@@ -77,7 +79,9 @@ def run_recorded(
     with MemorySampler(series_every_s=series_every_s) as memory:
         particles = read_particles(star)
         marks["read_star_s"] = time.perf_counter() - t0
+        marks["read_star_cpu_s"] = time.process_time() - c0
         job = Class2DJob(particles, config, out_dir=job_dir, overwrite=True)
+        cpu = _CpuTimes(job)
         device = job.device
         cuda = device.type == "cuda"
         if cuda:
@@ -86,10 +90,14 @@ def run_recorded(
 
         def initialise() -> None:
             marks["initialisation_start_s"] = time.perf_counter() - t0
+            marks["preprocessing_cpu_s"] = time.process_time() - c0 - marks["read_star_cpu_s"]
+            c1 = time.process_time()
             original()
+            marks["initialisation_cpu_s"] = time.process_time() - c1
 
         job._initialise = initialise
         previous_t = None
+        previous_cpu = None
         previous_seconds = dict(job.seconds)
         profiler = None
         for snap in job.run():
@@ -100,6 +108,11 @@ def run_recorded(
             if cuda:
                 torch.cuda.synchronize(device)
             now = time.perf_counter() - t0
+            cpu_now = time.process_time() - c0
+            cpu_outside = cpu.take()  # checkpoint and outputs of this step
+            if previous_cpu is None:  # the first step also read and preprocessed
+                previous_cpu = marks["read_star_cpu_s"] + marks.get("preprocessing_cpu_s", 0.0)
+                cpu_outside += marks.get("initialisation_cpu_s", 0.0)
             spent = {k: v - previous_seconds.get(k, 0.0) for k, v in job.seconds.items()}
             previous_seconds = dict(job.seconds)
             start = previous_t if previous_t is not None else marks["read_star_s"]
@@ -114,6 +127,7 @@ def run_recorded(
                     t.get("marginalised_fraction", t.get("marginalised_poses", 0.0))
                 ),
                 "iteration_s": now - start - outside,
+                "iteration_cpu_s": cpu_now - previous_cpu - cpu_outside,
                 "e_step_s": float(t.get("e_step_s", 0.0)),
                 "m_step_s": float(t.get("m_step_s", 0.0)),
                 "search_s": float(t.get("search_s", 0.0)),
@@ -126,7 +140,7 @@ def run_recorded(
                 row["gpu_peak_allocated_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
                 torch.cuda.reset_peak_memory_stats(device)
             rows.append(row)
-            previous_t = now
+            previous_t, previous_cpu = now, cpu_now
             if job.reducer.is_main:
                 print(_line(row), flush=True)
             if record_path is not None:
@@ -140,6 +154,8 @@ def run_recorded(
     record["peak_anon_MB"] = memory.peak_anon_MB
     record["peak_file_MB"] = memory.peak_file_MB
     record["memory_series"] = memory.series
+    record["checkpoints_and_outputs_cpu_s"] = cpu.total
+    record["cpu_s"] = time.process_time() - c0
     record["world_size"] = job.reducer.world_size
     record["rank"] = job.reducer.rank
     record["device"] = str(device)
@@ -149,6 +165,32 @@ def run_recorded(
     if record_path is not None:
         write_json(Path(record_path), record)
     return record
+
+
+class _CpuTimes:
+    """CPU time the job spends writing checkpoints and outputs (its methods wrapped)."""
+
+    def __init__(self, job):
+        self.pending = 0.0
+        self.total = 0.0
+        for name in ("save_checkpoint", "_write_outputs_timed"):
+            setattr(job, name, self._timed(getattr(job, name)))
+
+    def _timed(self, method):
+        def wrapped(*args, **kwargs):
+            c = time.process_time()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent = time.process_time() - c
+                self.pending += spent
+                self.total += spent
+
+        return wrapped
+
+    def take(self) -> float:
+        spent, self.pending = self.pending, 0.0
+        return spent
 
 
 def _start_profiler(cuda: bool):
@@ -194,6 +236,7 @@ def _summary(job, marks: dict, rows: list[dict], memory: MemorySampler, now: flo
         phases[kind] = {
             "iterations": len(sel),
             "seconds": total,
+            "cpu_seconds": sum(r["iteration_cpu_s"] for r in sel),
             "particles": n,
             "particles_per_s": n / total if total > 0 else None,
             "marginalised_particles": sum(r["marginalised"] * r["n_particles"] for r in sel),
@@ -204,6 +247,9 @@ def _summary(job, marks: dict, rows: list[dict], memory: MemorySampler, now: flo
         "n_particles": n,
         "wall_s": now,
         "read_star_s": marks.get("read_star_s"),
+        "read_star_cpu_s": marks.get("read_star_cpu_s"),
+        "preprocessing_cpu_s": marks.get("preprocessing_cpu_s"),
+        "initialisation_cpu_s": marks.get("initialisation_cpu_s"),
         "preprocessing_s": seconds["preprocessing"],
         "preprocessing_particles_per_s": n / seconds["preprocessing"]
         if seconds["preprocessing"] > 0

@@ -137,13 +137,15 @@ def describe(rec: dict) -> str:
     lines = [
         f"{rec['n_particles']:,} particles ({'complete' if rec.get('complete') else 'partial'}):",
         f"  read STAR {rec['read_star_s']:.1f} s; preprocessing {rec['preprocessing_s']:.0f} s "
-        f"({rec['preprocessing_particles_per_s'] or 0:.0f} particles/s); "
+        f"({rec['preprocessing_particles_per_s'] or 0:.0f} particles/s; CPU "
+        f"{rec.get('preprocessing_cpu_s') or 0:.0f} s); "
         f"initialisation {rec['initialisation_s']:.1f} s",
     ]
     for kind in ("online", "full"):
         p = rec[kind]
         lines.append(
-            f"  {kind}: {p['iterations']} iterations, {p['seconds']:.0f} s, "
+            f"  {kind}: {p['iterations']} iterations, {p['seconds']:.0f} s "
+            f"(CPU {p['cpu_seconds']:.0f} s), "
             f"{p['particles_per_s'] or 0:.0f} particles/s "
             f"({p['marginalised_particles']:.0f} particles with rotations marginalised)"
         )
