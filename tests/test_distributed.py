@@ -284,3 +284,23 @@ def test_a_stream_under_torchrun_gives_the_one_process_result(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert_same_result(result_of(one), result_of(two))
     assert (two / "cache" / "particles_00000.star").is_file()  # rank 0 keeps the block tables
+
+
+@pytest.mark.slow
+def test_a_process_that_hangs_stops_the_job_after_the_timeout(
+    star, one_process, tmp_path, monkeypatch
+):
+    """Rank 1 stops answering (SIGSTOP); rank 0 waits NAPARI_CLASS2D_TIMEOUT_S at the next
+    exchange, then stops with one line and exit code 3 (torchrun then kills rank 1)."""
+    out = tmp_path / "job"
+    monkeypatch.setenv("NAPARI_CLASS2D_TIMEOUT_S", "5")
+    failed = torchrun(2, str(HERE / "dist_driver.py"), "--hang-rank", "1", "--after", "2",
+                      "--", "classify", str(star), "--out", str(out), *FLAGS)  # fmt: skip
+    text = failed.stdout + failed.stderr
+    assert failed.returncode != 0
+    line = next(x for x in text.splitlines() if "classify (rank 0 of 2): error:" in x)
+    assert "cannot be reached" in line and "Timed out" in line, line
+    assert "exitcode  : 3" in text  # torchrun's report: rank 0 stopped itself
+    assert checkpoint_counters(out)["iteration"] == 2
+    assert cli_main(["classify", str(star), "--out", str(out), "--resume", "--quiet", *FLAGS]) == 0
+    assert_same_result(one_process, result_of(out))
