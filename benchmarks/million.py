@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import multiprocessing
 import shutil
 import sys
@@ -165,7 +166,13 @@ def describe(rec: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, nargs="+", default=[1_000_000], help="particles per run")
+    ap.add_argument(
+        "--n",
+        type=int,
+        nargs="*",
+        default=[1_000_000],
+        help="particles per run (none: only --extrapolate, from the runs in OUT/million.json)",
+    )
     ap.add_argument("--classes", type=int, default=50)
     ap.add_argument("--base-n", type=int, default=6000, help="particles simulated (replicated)")
     ap.add_argument("--extrapolate", type=int, default=None, metavar="K")
@@ -191,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     json_path = args.out / "million.json"
+    if not args.n and json_path.is_file():  # keep the runs measured before
+        result["runs"] = json.loads(json_path.read_text())["runs"]
     for n in args.n:
         work = args.out / f"n{n}"
         fits, free = fit_to_disk(n, per_particle, args.out)
