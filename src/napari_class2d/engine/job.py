@@ -264,7 +264,7 @@ class Class2DJob:
                 continue
             self.done = True
             self.save_checkpoint()
-            if self.out_dir is not None and self.reducer.is_main:
+            if self.out_dir is not None and self.reducer.is_main:  # distributed: rank 0
                 self._write_outputs_timed()
 
     def run_to_end(self) -> IterationSnapshot | None:
@@ -461,7 +461,7 @@ class Class2DJob:
         self._last_snapshot = snap
         if self.out_dir is not None:
             self.save_checkpoint()
-            if self.reducer.is_main:
+            if self.reducer.is_main:  # distributed: rank 0 writes the RELION files
                 self._write_outputs_timed()
         return snap
 
@@ -609,7 +609,7 @@ class Class2DJob:
         and on every process of a distributed job but rank 0."""
         if self.out_dir is None or self.model is None or self.pool is None:
             return None
-        if not self.reducer.is_main:
+        if not self.reducer.is_main:  # distributed: rank 0 keeps the checkpoint
             return None
         t0 = time.perf_counter()
         model_doc, tensors = checkpoint.split_state(self.model.state_dict(), "model")
