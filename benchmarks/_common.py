@@ -64,10 +64,17 @@ class MemorySampler:
     Use as a context manager; ``peak_anon_MB`` and ``peak_file_MB`` after it exits.
     """
 
-    def __init__(self, interval_s: float = 0.1):
+    def __init__(self, interval_s: float = 0.1, series_every_s: float | None = None):
         self.interval_s = interval_s
         self.peak_anon_MB = 0.0
         self.peak_file_MB = 0.0
+        #: with ``series_every_s``: ``(seconds since start, anonymous MiB, file-backed MiB)``
+        #: every ``series_every_s`` (the peaks in between, so no spike is missed)
+        self.series: list[tuple[float, float, float]] = []
+        self.series_every_s = series_every_s
+        self._window = [0.0, 0.0]
+        self._last = 0.0
+        self._start = 0.0
         self._stop = None
         self._thread = None
 
@@ -83,14 +90,26 @@ class MemorySampler:
         return out
 
     def _sample(self) -> None:
+        import time
+
         now = self.current()
-        self.peak_anon_MB = max(self.peak_anon_MB, now.get("RssAnon", 0.0))
-        self.peak_file_MB = max(self.peak_file_MB, now.get("RssFile", 0.0))
+        anon, file = now.get("RssAnon", 0.0), now.get("RssFile", 0.0)
+        self.peak_anon_MB = max(self.peak_anon_MB, anon)
+        self.peak_file_MB = max(self.peak_file_MB, file)
+        if self.series_every_s is None:
+            return
+        self._window = [max(self._window[0], anon), max(self._window[1], file)]
+        t = time.monotonic() - self._start
+        if not self.series or t - self._last >= self.series_every_s:
+            self.series.append((round(t, 2), round(self._window[0], 1), round(self._window[1], 1)))
+            self._window, self._last = [0.0, 0.0], t
 
     def __enter__(self) -> MemorySampler:
         import threading
+        import time
 
         self._stop = threading.Event()
+        self._start = time.monotonic()
 
         def loop() -> None:
             while not self._stop.wait(self.interval_s):

@@ -3,7 +3,9 @@
 Writes ``OUT/run_data.star`` (every particle with its class, psi, origin,
 probability), ``OUT/run_classes.mrcs`` and ``OUT/run_model.star``, refreshed
 after every iteration together with ``OUT/checkpoint.pt``. Ctrl-C stops after
-the current iteration; ``--resume`` continues a stopped job.
+the current iteration; ``--resume`` continues a stopped job. Started by torchrun
+(``torchrun --nproc-per-node N -m napari_class2d classify ...``), the job runs over
+all its processes, one GPU each (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
     def resume_command() -> str:
-        words = ["napari-class2d", "classify", str(args.particles), "--out", str(args.out)]
-        return shlex.join([*words, "--resume"])
+        from napari_class2d.engine.distributed import launch_words
+
+        words = launch_words(["classify", str(args.particles), "--out", str(args.out), "--resume"])
+        return shlex.join(words)
 
     return run_spec(spec, prog, resume_command, quiet=args.quiet)

@@ -6,7 +6,8 @@ stacks are written (RELION Extract/jobNNN/, `napari-class2d simulate
 classification on the complete files. Class averages and run_data.star in
 --out are refreshed after every iteration. Press Ctrl-C to stop (the checkpoint
 is kept; continue with --resume), or let --finish-after-idle finish the job once
-no new particles arrived for that long. See docs/streaming.md.
+no new particles arrived for that long. See docs/streaming.md; under torchrun the job
+runs over all its processes (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
     def resume_command() -> str:
-        words = ["napari-class2d", "stream", str(args.watch), "--out", str(args.out)]
-        return shlex.join([*words, "--resume"])
+        from napari_class2d.engine.distributed import launch_words
+
+        words = launch_words(["stream", str(args.watch), "--out", str(args.out), "--resume"])
+        return shlex.join(words)
 
     return run_spec(spec, prog, resume_command, quiet=args.quiet)

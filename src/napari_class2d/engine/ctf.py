@@ -66,7 +66,7 @@ def ctf_values(params: torch.Tensor, grid: FourierGrid, pixel_size_A: float) -> 
         fftshift=False,
     )
     ctf = ctf.reshape(params.shape[0], grid.box, grid.box // 2 + 1)[:, grid.rows, grid.cols]
-    if torch.any(bfac != 0):
+    if bfac.is_cuda or bool(torch.any(bfac != 0)):  # (exp(0) = 1: cheaper than a GPU sync)
         s2 = (grid.radius / (grid.box * pixel_size_A)) ** 2  # 1/Å^2
         ctf = ctf * torch.exp(-bfac[:, None] * s2[None, :] / 4.0)
     return ctf.float()
@@ -97,6 +97,6 @@ def ctf_at(params: torch.Tensor, grid: FourierGrid, pixel_size_A: float) -> torc
     chi = math.pi * lam * df * k2 - 0.5 * math.pi * cs * 1e7 * lam**3 * k2 * k2
     chi = chi + torch.deg2rad(phase) + torch.atan2(q, torch.sqrt((1 - q * q).clamp(min=0)))
     ctf = torch.sin(chi)
-    if torch.any(bfac != 0):
+    if bfac.is_cuda or bool(torch.any(bfac != 0)):  # (exp(0) = 1: cheaper than a GPU sync)
         ctf = ctf * torch.exp(-bfac * k2 / 4.0)
     return ctf

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -133,9 +134,17 @@ class FourierGrid:
             coeffs.shape[:-1] + (d, d // 2 + 1), dtype=coeffs.dtype, device=coeffs.device
         )
         out[..., self.rows, self.cols] = coeffs
-        col0 = self.cols == 0  # column kx=0 holds both ky and -ky: fill the mates
-        out[..., (-self.rows[col0]) % d, 0] = coeffs[..., col0].conj()
+        where, mates = self._column_zero
+        out[..., mates, 0] = coeffs[..., where].conj()
         return out
+
+    @cached_property
+    def _column_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Column kx = 0 holds both ky and -ky: the kept coefficients there and the rows of
+        their mates. Index tensors made once (a boolean mask would make every call on a
+        GPU wait for the count of its true elements)."""
+        where = torch.nonzero(self.cols == 0).flatten()
+        return where, (-self.rows[where]) % self.box
 
     def inverse(self, coeffs: torch.Tensor) -> torch.Tensor:
         """Real images ``(..., D, D)`` from kept coefficients ``(..., F)``."""
@@ -156,8 +165,12 @@ class FourierGrid:
             values.shape[:-1] + (self.n_rings,), dtype=values.dtype, device=values.device
         )
         out.index_add_(-1, self.ring, values)
-        count = torch.bincount(self.ring, minlength=self.n_rings).clamp(min=1)
-        return out / count.to(values.dtype)
+        return out / self._ring_count.to(values.dtype)
+
+    @cached_property
+    def _ring_count(self) -> torch.Tensor:
+        """Coefficients per ring (at least 1), made once (``bincount`` waits for the GPU)."""
+        return torch.bincount(self.ring, minlength=self.n_rings).clamp(min=1)
 
 
 def rotation_grid(angles_deg: torch.Tensor, box: int) -> torch.Tensor:

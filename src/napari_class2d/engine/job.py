@@ -14,6 +14,12 @@ the same classes. The schedule (see ``docs/algorithm.md`` and ``docs/parameters.
   ``config.full_iteration_trigger`` new particles have arrived;
 * finish: the online iterations not yet reached, then ``n_final_full_iterations``
   full iterations (the last one hard when ``hard_classification_last``).
+
+Under ``torchrun`` every process runs this schedule with the same random draws;
+each holds and searches its own particles, the statistics are summed over the
+processes, the processes agree on stop/finish before every step, rank 0 polls a
+stream and hands new particles to the others, and only rank 0 writes outputs and
+checkpoints (:mod:`napari_class2d.engine.distributed`, ``docs/distributed.md``).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from napari_class2d.engine import checkpoint
+from napari_class2d.engine import checkpoint, distributed
 from napari_class2d.engine.checkpoint import CheckpointError
 from napari_class2d.engine.config import Class2DConfig, ConfigError
 from napari_class2d.engine.fourier import fourier_pad
@@ -99,6 +105,17 @@ class Class2DJob:
         Called with the first particles and the config before anything is
         computed; returns the config to use (e.g. CTF correction off for
         particles without CTF). ``None``: the config as given.
+    reducer
+        The processes the job runs over (:mod:`napari_class2d.engine.distributed`);
+        ``None``: the process group ``torchrun`` started this process in, joined
+        here, or this process alone.
+
+    Attributes
+    ----------
+    seconds
+        Wall time spent so far outside the iterations, per kind: ``preprocessing``
+        (reading and caching particles), ``initialisation``, ``checkpoints``,
+        ``outputs`` (RELION files).
 
     Raises
     ------
@@ -108,6 +125,8 @@ class Class2DJob:
         ``out_dir`` holds a result and neither ``resume`` nor ``overwrite`` is set.
     CheckpointError, SourceMismatchError
         ``resume`` with a checkpoint this version cannot read, or other particles.
+    DistributedError
+        Started by ``torchrun`` and the other processes cannot be reached.
     """
 
     def __init__(
@@ -119,6 +138,7 @@ class Class2DJob:
         overwrite: bool = False,
         poll_seconds: float = 2.0,
         on_first_particles: Callable[[ParticleSet, Class2DConfig], Class2DConfig] | None = None,
+        reducer: distributed.Reducer | None = None,
     ):
         self.config = config.validate()
         self.source = as_source(particles_or_source)
@@ -128,14 +148,21 @@ class Class2DJob:
         self.poll_seconds = poll_seconds
         self.on_first_particles = on_first_particles
         try:
-            self.device = resolve_device(config.device)
+            self.device = resolve_device(distributed.rank_device(config.device))
         except (ValueError, RuntimeError) as err:
             text = str(err)
             raise ConfigError(
                 text if text.startswith("device=") else f"device={config.device!r}: {text}"
             ) from None
+        self.reducer = (
+            reducer if reducer is not None else distributed.from_environment(config.device)
+        )
+        self.seconds = dict.fromkeys(
+            ("preprocessing", "initialisation", "checkpoints", "outputs"), 0.0
+        )
         self._stop = threading.Event()
         self._finish = threading.Event()
+        self._finishing = False  # finish, as all processes agreed before this step
         if not self.streaming:
             self._finish.set()
         self.pool: ParticlePool | None = None
@@ -189,13 +216,17 @@ class Class2DJob:
         cfg = self.config
         batch = cfg.online_batch_size
         while not self.done:
-            if self._stop.is_set():
+            # distributed: every process takes the same step (any one's request counts)
+            stop, finishing = self.reducer.any(self._stop.is_set(), self._finish.is_set())
+            if stop:
                 self.save_checkpoint()
                 return
+            if finishing:
+                self._finish.set()
+            self._finishing = finishing
             arrived = self._poll() if self.streaming or self.pool is None else 0
             if arrived:
                 self.idle_iterations = 0
-            finishing = self._finish.is_set()
             n = self.n_particles
             if self.model is None or not self.model.initialised:
                 if n >= cfg.warmup_particles or (finishing and n > 0):
@@ -236,8 +267,8 @@ class Class2DJob:
                 continue
             self.done = True
             self.save_checkpoint()
-            if self.out_dir is not None:
-                self.write_outputs(self.out_dir, overwrite=True)
+            if self.out_dir is not None and self.reducer.is_main:  # distributed: rank 0
+                self._write_outputs_timed()
 
     def run_to_end(self) -> IterationSnapshot | None:
         """Consume :meth:`run`; return the last snapshot."""
@@ -247,7 +278,13 @@ class Class2DJob:
 
     # -- steps -------------------------------------------------------------------------
     def _poll(self) -> int:
-        new = self.source.poll()
+        if self.streaming and self.reducer.world_size > 1:
+            # distributed: rank 0 watches the stream and hands what arrived to the others
+            new = self.reducer.broadcast_object(
+                self.source.poll() if self.reducer.is_main else None
+            )
+        else:
+            new = self.source.poll()
         if new is None or new.n_particles == 0:
             if self._last_snapshot is not None and self._last_snapshot.phase == "waiting":
                 time.sleep(self.poll_seconds)
@@ -270,12 +307,22 @@ class Class2DJob:
                     "carry no CTF parameters; use ctf_correction='off'"
                 )
             cache = self.out_dir / "cache" if self.out_dir is not None else None
-            self.pool = ParticlePool(params, working_grid(params), cache, seed=self.config.seed)
+            self.pool = ParticlePool(
+                params,
+                working_grid(params),
+                cache,
+                seed=self.config.seed,
+                shard=self.reducer.shard,
+                device=self.device,
+            )
             self.model = Class2DModel(self.config, params, self.device)
+            self.model.reducer = self.reducer
         elif self.config.ctf_correction != "off" and not particles.has_ctf:
             raise ConfigError(f"{particles.source_path}: new particles carry no CTF parameters")
         self._check_space(particles.n_particles)
+        t0 = time.perf_counter()
         self.pool.add(particles)
+        self.seconds["preprocessing"] += time.perf_counter() - t0
         self._block_tables.append(self._save_block_table(particles))
         self.seen = np.concatenate([self.seen, np.zeros(particles.n_particles, bool)])
         self.assignments.grow(self.pool.n)
@@ -285,6 +332,9 @@ class Class2DJob:
         disk under a memory map kills the process with SIGBUS, without a message)."""
         if self.pool is None or self.pool.cache_dir is None:
             return
+        # distributed: the processes of this node share its disk, each with its share
+        r = self.reducer
+        n = -(-n * r.local_world_size // r.world_size)
         needed = n * self.pool.grid.n * CACHE_BYTES_PER_COEFFICIENT + CACHE_MARGIN_BYTES
         free = free_bytes(self.pool.cache_dir)
         if free is not None and free < needed:
@@ -298,7 +348,9 @@ class Class2DJob:
         if not self.streaming or self.pool is None or self.pool.cache_dir is None:
             return None
         name = f"particles_{len(self._block_tables):05d}.star"
-        write_particle_star(self.pool.cache_dir / name, particles, overwrite=True)
+        if self.reducer.is_main:  # distributed: one process writes, all may read it back
+            (self.out_dir / "cache").mkdir(parents=True, exist_ok=True)
+            write_particle_star(self.out_dir / "cache" / name, particles, overwrite=True)
         return f"cache/{name}"
 
     def _draw(self, size: int) -> np.ndarray:
@@ -315,8 +367,10 @@ class Class2DJob:
         return np.sort(pick)
 
     def _initialise(self) -> None:
+        t0 = time.perf_counter()
         self._first_batch = self._draw(self.config.online_batch_size)
         self.model.initialise(self.pool, self._first_batch, self.rng)
+        self.seconds["initialisation"] += time.perf_counter() - t0
 
     def _online(self, advance: bool) -> IterationSnapshot:
         cfg = self.config
@@ -329,7 +383,7 @@ class Class2DJob:
             advance
             and j == cfg.n_online_em_iterations - 1
             and cfg.n_final_full_iterations == 0
-            and self._finish.is_set()
+            and self._finishing
         )
         step = 1.0 if (j == 0 and advance and self.iteration == 0) else ONLINE_STEP_SIZE
         stats = self.model.iterate(
@@ -416,8 +470,14 @@ class Class2DJob:
         self._last_snapshot = snap
         if self.out_dir is not None:
             self.save_checkpoint()
-            self.write_outputs(self.out_dir, overwrite=True)
+            if self.reducer.is_main:  # distributed: rank 0 writes the RELION files
+                self._write_outputs_timed()
         return snap
+
+    def _write_outputs_timed(self) -> None:
+        t0 = time.perf_counter()
+        self.write_outputs(self.out_dir, overwrite=True)
+        self.seconds["outputs"] += time.perf_counter() - t0
 
     def _snapshot(
         self, phase, stats: IterationStats | None, anneal: float, msg: str, next_full_at: int = 0
@@ -561,9 +621,13 @@ class Class2DJob:
     # -- checkpoints -------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
         """Write ``out_dir/checkpoint.pt`` (tensors and a JSON document; see
-        :mod:`napari_class2d.engine.checkpoint`). ``None`` when there is nothing to keep."""
+        :mod:`napari_class2d.engine.checkpoint`). ``None`` when there is nothing to keep,
+        and on every process of a distributed job but rank 0."""
         if self.out_dir is None or self.model is None or self.pool is None:
             return None
+        if not self.reducer.is_main:  # distributed: rank 0 keeps the checkpoint
+            return None
+        t0 = time.perf_counter()
         model_doc, tensors = checkpoint.split_state(self.model.state_dict(), "model")
         fields = [f.name for f in dataclasses.fields(ParticleAssignments)]
         for name in fields:
@@ -588,7 +652,9 @@ class Class2DJob:
             "first_batch": self._first_batch is not None,
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        return checkpoint.save(self.out_dir / CHECKPOINT, document, tensors)
+        path = checkpoint.save(self.out_dir / CHECKPOINT, document, tensors)
+        self.seconds["checkpoints"] += time.perf_counter() - t0
+        return path
 
     def _load_checkpoint(self) -> None:
         document, tensors = checkpoint.load(self.out_dir / CHECKPOINT)
@@ -611,11 +677,27 @@ class Class2DJob:
         first = sets[0]
         params = self.config.resolve(first.box, float(np.median(first.pixel_size_A)))
         self.pool = ParticlePool(
-            params, working_grid(params), self.out_dir / "cache", seed=self.config.seed
+            params,
+            working_grid(params),
+            self.out_dir / "cache",
+            seed=self.config.seed,
+            shard=self.reducer.shard,
+            device=self.device,
         )
-        self.pool.reopen(sets, tensors["half"].numpy())
+        t0 = time.perf_counter()
+        rebuilt = self.pool.reopen(sets, tensors["half"].numpy())
+        self.seconds["preprocessing"] += time.perf_counter() - t0
+        if rebuilt:
+            log.info(
+                "%d of %d blocks of the particle cache were not there for %d process(es) "
+                "and were made again from the particle files",
+                rebuilt,
+                len(sets),
+                self.reducer.world_size,
+            )
         self._block_tables = [b["table"] for b in blocks]
         self.model = Class2DModel(self.config, params, self.device)
+        self.model.reducer = self.reducer
         self.model.load_state_dict(self._model_state(document["model"], tensors))
         try:
             self.assignments = ParticleAssignments(

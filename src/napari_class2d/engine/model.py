@@ -8,6 +8,10 @@ and every full iteration, :data:`ONLINE_STEP_SIZE` afterwards), so the running
 statistics stay in "one mini-batch" units and old, worse alignments fade.
 The E-step aligns each half set to the other half's averages
 (:meth:`Class2DModel._search_references`).
+
+Distributed jobs: the lines marked ``# distributed:`` are the seams where a process
+works on its own particles only and where the statistics of all processes are
+summed (:mod:`napari_class2d.engine.distributed`); with one process they do nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 
 from napari_class2d.engine.config import Class2DConfig, ResolvedParams
+from napari_class2d.engine.distributed import LOCAL, Reducer
 from napari_class2d.engine.fourier import (
     FourierGrid,
     rotate_even_spectrum,
@@ -121,7 +126,8 @@ class _Contributions:
     """The best pose of each refined class of every particle, for :meth:`Class2DModel._accumulate`.
 
     Filled chunk by chunk into tensors allocated once per iteration: small long-lived
-    tensors between the chunks' large temporaries fragment the heap.
+    tensors between the chunks' large temporaries fragment the heap. They live on the
+    model's device, so a chunk copies nothing to the host.
     """
 
     classes: torch.Tensor  # (n, N) int64
@@ -131,12 +137,12 @@ class _Contributions:
     filled: int = 0
 
     @classmethod
-    def create(cls, n: int, n_refine: int) -> _Contributions:
+    def create(cls, n: int, n_refine: int, device: torch.device) -> _Contributions:
         return cls(
-            torch.empty((n, n_refine), dtype=torch.long),
-            torch.empty((n, n_refine)),
-            torch.empty((n, n_refine, 2)),
-            torch.empty((n, n_refine)),
+            torch.empty((n, n_refine), dtype=torch.long, device=device),
+            torch.empty((n, n_refine), device=device),
+            torch.empty((n, n_refine, 2), device=device),
+            torch.empty((n, n_refine), device=device),
         )
 
     def add(self, out: _ChunkResult, space: SearchSpace) -> None:
@@ -148,13 +154,53 @@ class _Contributions:
         g_top = torch.where(out.broad[:, None], 0.0, g_top)  # these go to the buckets
         rows = slice(self.filled, self.filled + g_top.shape[0])
         self.filled = rows.stop
-        self.classes[rows] = res.classes.cpu()
-        self.angles_deg[rows] = space.fine_angles_deg[res.rotation].cpu()
-        self.shifts[rows] = res.shift.cpu()
-        self.weights[rows] = g_top.cpu()
+        self.classes[rows] = res.classes
+        self.angles_deg[rows] = space.fine_angles_deg[res.rotation]
+        self.shifts[rows] = res.shift
+        self.weights[rows] = g_top
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.classes, self.angles_deg, self.shifts, self.weights
+
+
+@dataclass
+class _Results:
+    """Per-particle results of an iteration, kept on the model's device until the
+    iteration's E-step ends and then copied to the host at once (not seven copies per
+    chunk): class, ψ, shift x, shift y, max. probability, effective numbers of poses
+    and classes, log-likelihood (float32, as the search computes them)."""
+
+    values: torch.Tensor  # (n, 8)
+    filled: int = 0
+
+    @classmethod
+    def create(cls, n: int, device: torch.device) -> _Results:
+        return cls(torch.empty((n, 8), device=device))
+
+    def add(
+        self, out: _ChunkResult, space: SearchSpace, ess_class: torch.Tensor, loglik: torch.Tensor
+    ) -> None:
+        rows = slice(self.filled, self.filled + out.best.shape[0])
+        self.filled = rows.stop
+        v = self.values[rows]
+        v[:, 0] = out.best
+        v[:, 1] = space.fine_angles_deg[out.rotation]
+        v[:, 2:4] = out.shift
+        v[:, 4] = out.max_prob
+        v[:, 5] = out.ess_pose
+        v[:, 6] = ess_class
+        v[:, 7] = loglik
+
+    def store(self, assignments: ParticleAssignments, order: np.ndarray) -> None:
+        """Write the rows into ``assignments`` at the particles ``order`` (fill order)."""
+        v = self.values.cpu().numpy()
+        assignments.best_class[order] = v[:, 0].astype(np.int64)
+        assignments.psi_deg[order] = v[:, 1]
+        assignments.shift_px[order] = v[:, 2:4]
+        assignments.max_prob[order] = v[:, 4]
+        assignments.ess_pose[order] = v[:, 5]
+        assignments.ess_class[order] = v[:, 6]
+        assignments.loglik[order] = v[:, 7]
 
 
 @dataclass
@@ -293,6 +339,8 @@ class Class2DModel:
         self.n_updates = 0
         #: particles the running statistics num/den stand for (see iterate)
         self.statistics_particles = 0
+        #: distributed: the processes' collectives; the job sets it (one process: no-ops)
+        self.reducer: Reducer = LOCAL
 
     # -- state for checkpoints ---------------------------------------------------------
     def state_dict(self) -> dict:
@@ -402,10 +450,12 @@ class Class2DModel:
         cls_of[order] = np.arange(n) % k
         power = torch.zeros(g.n_rings, device=self.device)
         total = torch.zeros(g.n, dtype=torch.complex64, device=self.device)
-        for s in range(0, n, 1024):
-            x = pool.get(indices[s : s + 1024], self.device)[0]
+        mine = self.reducer.mine(indices)  # distributed: this process's particles
+        for s in range(0, len(mine), 1024):
+            x = pool.get(mine[s : s + 1024], self.device)[0]
             power += g.ring_average(x.abs() ** 2).sum(0)
             total += x.sum(0)
+        power, total = self.reducer.sum(power, total)  # distributed: over all processes
         mean_power = power / n
         noise = mean_power - g.ring_average((total / n).abs() ** 2)
         self.noise = torch.maximum(noise, 0.01 * mean_power).clamp(min=1e-12)
@@ -467,24 +517,27 @@ class Class2DModel:
         keep, keep_phases = self.marginal_band()
         weight = self._weight()
         w_align = weight * space.align_band
-        band = space.align_band
+        band = space.align_index  # (positions, not a mask: no GPU sync per chunk)
         log_prior = torch.log(self.prior.clamp(min=1e-12))
         chunk = self._chunk(pool, space)
         n = len(indices)
-        best_poses = _Contributions.create(n, space.n_refine)
+        mine = self.reducer.mine(indices)  # distributed: this process's share of the batch
+        best_poses = _Contributions.create(len(mine), space.n_refine, self.device)
         buckets = _Buckets.create(k, space.n_coarse, int(keep.sum()), self.device)
+        keep_at = torch.nonzero(keep).flatten()  # (positions, not a mask: no GPU sync per chunk)
+        results = _Results.create(len(mine), self.device)
         counts_soft = torch.zeros(k, device=self.device)
         ess_sum = torch.zeros(k, device=self.device)
         noise_sum = torch.zeros(self.grid.n_rings, device=self.device)
-        pmax_sum = 0.0
+        pmax_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         n_broad = 0
         t_search = t_table = 0.0
         # each half set is aligned against the other half's references (see class docs)
-        half = pool.half[indices]
-        order = np.concatenate([indices[half == h] for h in (0, 1)])
+        half = pool.half[mine]
+        order = np.concatenate([mine[half == h] for h in (0, 1)])
         search_refs = self._search_references()
         for h in (0, 1):
-            members = indices[half == h]
+            members = mine[half == h]
             if not len(members):
                 continue
             tt = time.perf_counter()
@@ -514,34 +567,39 @@ class Class2DModel:
                 if hard:
                     out.gamma = torch.nn.functional.one_hot(out.best, k).float()
                 best_poses.add(out, space)
-                broad = out.broad
-                if bool(broad.any()):
+                # the broad particles as positions: one GPU sync per chunk, not one per mask
+                broad = torch.nonzero(out.broad).flatten()
+                if broad.numel():
                     m = res.marginal
-                    y, wc2 = self._data_terms(x[broad][:, keep], ctf_vals[broad][:, keep], keep)
+                    y, wc2 = self._data_terms(
+                        x[broad][:, keep_at], ctf_vals[broad][:, keep_at], keep_at
+                    )
                     w = out.gamma[broad][:, :, None] * m.rotation_posterior[broad]
                     buckets.add(h, w, m.shift[broad], y, wc2, keep_phases)
-                    n_broad += int(broad.sum())
+                    n_broad += broad.numel()
                 counts_soft += out.gamma.sum(0)
-                pmax_sum += float(out.max_prob.sum())
+                pmax_sum += out.max_prob.sum()
                 const = -(w_align * x.abs() ** 2).sum(1)
-                sel = np.asarray(idx)
-                assignments.best_class[sel] = out.best.cpu().numpy()
-                assignments.psi_deg[sel] = space.fine_angles_deg[out.rotation].cpu().numpy()
-                assignments.shift_px[sel] = out.shift.cpu().numpy()
-                assignments.max_prob[sel] = out.max_prob.cpu().numpy()
-                assignments.ess_pose[sel] = out.ess_pose.cpu().numpy()
-                assignments.ess_class[sel] = ess_class.cpu().numpy()
-                assignments.loglik[sel] = (out.loglik + const).cpu().numpy()
+                results.add(out, space, ess_class, out.loglik + const)
                 # noise: residual power at the best class and pose
                 tmpl = table.reshape(k * space.n_fine, -1)[out.best * space.n_fine + out.rotation]
                 model = ctf[:, band] * tmpl * align_phases(out.shift).conj()
                 noise_sum += align_grid.ring_average((x[:, band] - model).abs() ** 2).sum(0)
             del table, tables
+        results.store(assignments, order)
         t_e = time.perf_counter() - t0
+        # distributed: the E-step's sums and per-particle results over all processes
+        broad_count = torch.tensor(float(n_broad), dtype=torch.float64, device=self.device)
+        counts_soft, ess_sum, noise_sum, pmax_sum, broad_count = self.reducer.sum(
+            counts_soft, ess_sum, noise_sum, pmax_sum, broad_count
+        )
+        self.reducer.share_assignments(assignments, indices)
+        pmax_sum, n_broad = float(pmax_sum), int(broad_count)
         counts_hard = np.bincount(assignments.best_class[indices], minlength=k)
         num, den = self._accumulate(pool, order, *best_poses.tensors())
         if n_broad:
             num_b, den_b = buckets.class_frame(space, self.grid, keep, cfg.ctf_correction)
+            num_b, den_b = self.reducer.sum(num_b, den_b)  # distributed: over all processes
             num, den = num + num_b, den + den_b
         eta = step_size
         # the running statistics stand for `statistics_particles` particles: put them in
@@ -602,7 +660,8 @@ class Class2DModel:
             1, best_m[:, None, None].expand(-1, 1, m.rotation_posterior.shape[-1])
         )[:, 0]
         n_rot = post.shape[-1]
-        near = post.argmax(-1, keepdim=True) + torch.tensor([-1, 0, 1], device=post.device)
+        # (made on the device: a torch.tensor of a list would be copied to a GPU every chunk)
+        near = post.argmax(-1, keepdim=True) + torch.arange(-1, 2, device=post.device)
         broad = post.gather(1, near % n_rot).sum(1) < SHARP_POSTERIOR
         # the best poses of the refined classes
         g_hard = torch.softmax(log_prior + res.class_loglik / annealing, 1)
@@ -666,36 +725,42 @@ class Class2DModel:
         """Sufficient statistics of the given contributions, per half set.
 
         ``classes, angles_deg, weights``: ``(n, N)``; ``shifts``: ``(n, N, 2)`` px.
-        Only contributions with a positive weight are back-rotated.
+        Only contributions with a positive weight are back-rotated. In a distributed job
+        every process calls it, with the same particles or each with its own, and gets
+        the sums over all of them.
         """
         k, g = self.config.n_classes, self.grid
         num = torch.zeros((2, k, g.n), dtype=torch.complex64, device=self.device)
         den = torch.zeros((2, k, g.n), device=self.device)
         weight = self._weight()
         mode = self.config.ctf_correction
-        half = torch.from_numpy(pool.half[indices])
+        if self.reducer.world_size > 1:  # distributed: only this process's particles
+            held = torch.from_numpy(self.reducer.owns(indices)).to(weights.device)
+            weights = torch.where(held[:, None], weights, 0.0)
         rows, cols = torch.nonzero(weights > 0, as_tuple=True)
+        # what every chunk needs, moved to the device once (no host-device copies per chunk)
+        pidx = indices[rows.cpu().numpy()]
+        kk = classes[rows, cols].to(self.device)
+        angles = angles_deg[rows, cols].to(self.device)
+        w_all = weights[rows, cols].to(self.device)
+        sh_all = shifts[rows, cols].to(self.device)
+        slots = torch.from_numpy(pool.half[pidx]).to(self.device) * k + kk
         chunk = pool.chunk_size_for(4 * g.box * g.box * 16, self.config.memory_budget_GB)
         if self.device.type == "cpu":
             chunk = min(chunk, 128)
-        for s in range(0, rows.numel(), chunk):
-            r, c = rows[s : s + chunk], cols[s : s + chunk]
-            pidx = indices[r.numpy()]
-            x, ctf_vals, params = pool.get(pidx, self.device)
-            kk = classes[r, c].to(self.device)
-            angle = angles_deg[r, c].to(self.device)
-            w = weights[r, c].to(self.device)
-            sh = shifts[r, c].to(self.device)
+        for s in range(0, len(pidx), chunk):
+            sel = slice(s, s + chunk)
+            x, ctf_vals, params = pool.get(pidx[sel], self.device)
+            angle, w = angles[sel], w_all[sel]
             data_ctf = torch.ones_like(ctf_vals) if mode == "off" else ctf_vals
-            vals = (w[:, None] * weight) * data_ctf * x * self.phases(sh)
+            vals = (w[:, None] * weight) * data_ctf * x * self.phases(sh_all[sel])
             vals = back_rotate(vals, angle, g)
             dens = (w[:, None] * weight) * rotated_ctf_weight(
                 params, angle, g, self.pixel_size_A, mode
             )
-            slot = half[r].to(self.device) * k + kk
-            num.view(2 * k, -1).index_add_(0, slot, vals)
-            den.view(2 * k, -1).index_add_(0, slot, dens)
-        return num, den
+            num.view(2 * k, -1).index_add_(0, slots[sel], vals)
+            den.view(2 * k, -1).index_add_(0, slots[sel], dens)
+        return self.reducer.sum(num, den)  # distributed: over all processes
 
     def _reseed(
         self,

@@ -6,6 +6,12 @@ imaginary planes) with its CTF parameters. Iterations never touch the original
 stacks again. The pool grows (streaming) by appending blocks; with a cache
 folder each block is a memory-mapped ``.npy`` file, so a data set larger than
 RAM runs from disk.
+
+In a distributed job (:mod:`napari_class2d.engine.distributed`) a process holds only
+the particles of its :class:`~napari_class2d.engine.distributed.Shard`: it reads,
+preprocesses and caches those (in ``cache/rankRRR-of-WWW/``); the pool still counts
+and indexes every particle of the job, and its half sets are the same as one
+process's.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 
 from napari_class2d.engine.config import ResolvedParams
 from napari_class2d.engine.ctf import CTF_COLUMNS, ctf_values
+from napari_class2d.engine.distributed import Shard
 from napari_class2d.engine.fourier import FourierGrid, soft_circle
 from napari_class2d.io.errors import ParticleFileError
 from napari_class2d.io.particles import ParticleSet
@@ -35,11 +42,17 @@ class ParticlePool:
     grid
         Kept frequencies at the working box.
     cache_dir
-        Folder for memory-mapped blocks; ``None`` keeps blocks in memory.
+        Folder for memory-mapped blocks; ``None`` keeps blocks in memory. A process
+        of a distributed job keeps its blocks in a sub-folder of its own.
     seed
         Seeds the half-set assignment (for per-class FRC resolution).
     chunk_size
         Particles preprocessed at a time (bounds memory).
+    shard
+        The particles this process holds (default: all).
+    device
+        Where the particles are preprocessed (Fourier transforms, CTFs): the job's
+        device; the cache is on the host either way.
     """
 
     def __init__(
@@ -49,16 +62,23 @@ class ParticlePool:
         cache_dir: Path | None = None,
         seed: int = 0,
         chunk_size: int = 512,
+        shard: Shard | None = None,
+        device: torch.device | str = "cpu",
     ):
         self.params = params
         self.grid = grid
+        self.device = torch.device(device)
+        self.shard = shard if shard is not None else Shard()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        if self.cache_dir is not None and self.shard.folder is not None:
+            self.cache_dir = self.cache_dir / self.shard.folder
         self.seed = seed
         self.chunk_size = chunk_size
         self.sets: list[ParticleSet] = []
         self._coeffs: list[np.ndarray] = []  # (n, 2, F) float16 per block
         self._ctf: list[np.ndarray] = []  # (n, 8) float32 per block
         self._ctf_values: list[np.ndarray] = []  # (n, F) float16 per block (CTF at kept freqs)
+        self._rows: list[np.ndarray] = []  # per block: row of each particle in it, -1: not held
         self._starts = [0]
         self.half = np.zeros(0, dtype=np.int64)
         self.has_ctf = np.zeros(0, dtype=bool)
@@ -66,9 +86,11 @@ class ParticlePool:
         radius_px = 0.5 * params.particle_diameter_A / params.pixel_size_A
         c = np.arange(d0) - d0 // 2
         r = np.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
-        self._background = torch.from_numpy(r > min(radius_px, 0.95 * d0 / 2))
-        self._window = particle_window(params)
-        self._full_grid = FourierGrid.create(d0)
+        background = torch.from_numpy((r > min(radius_px, 0.95 * d0 / 2)).ravel())
+        self._background_at = torch.nonzero(background).flatten().to(self.device)
+        self._window = particle_window(params).to(self.device)
+        self._full_grid = FourierGrid.create(d0, self.device)
+        self._ctf_grid = FourierGrid.create(grid.box, self.device)
         # kept coefficients of the working box, located in the original box's list
         lookup = {
             (int(y), int(x)): i
@@ -82,6 +104,7 @@ class ParticlePool:
                 for y, x in zip(grid.ky.tolist(), grid.kx.tolist(), strict=True)
             ],
             dtype=torch.long,
+            device=self.device,
         )
         self._scale = grid.box / d0
 
@@ -123,53 +146,72 @@ class ParticlePool:
                 "re-extract the particles at one pixel size",
             )
         n = particles.n_particles
-        coeffs = self._new_block(n, "block", (2, self.grid.n))
-        ctf = self._ctf_array(particles)
-        ctf_vals = self._new_block(n, "ctf", (self.grid.n,))
-        for start in range(0, n, self.chunk_size):  # CTF once per particle, cached
-            sel = slice(start, min(start + self.chunk_size, n))
-            vals = (
-                ctf_values(torch.from_numpy(ctf[sel]), self.grid, p.working_pixel_size_A)
-                if particles.has_ctf
-                else torch.ones((sel.stop - sel.start, self.grid.n))
-            )
-            ctf_vals[sel] = vals.to(torch.float16).numpy()
-        for idx, images in particles.chunks(self.chunk_size):
-            x = torch.from_numpy(images)
-            if not torch.isfinite(x).all():
-                bad = int(idx[torch.nonzero(~torch.isfinite(x).flatten(1).all(1))[0, 0]])
-                raise ParticleFileError(
-                    particles.source_path, "image holds NaN or infinite values", row=bad
-                )
-            coeffs[idx[0] : idx[-1] + 1] = self._preprocess(x)
-        if self.cache_dir is not None:
-            coeffs.flush()
-            ctf_vals.flush()
+        held = self.shard.mine(np.arange(self.n, self.n + n)) - self.n
+        coeffs, ctf_vals = self._preprocess_block(particles, held, len(self._coeffs))
         self.sets.append(particles)
         self._coeffs.append(coeffs)
-        self._ctf.append(ctf)
+        self._ctf.append(self._ctf_array(particles))
         self._ctf_values.append(ctf_vals)
+        self._rows.append(_row_index(n, held))
         self._starts.append(self.n + n)
         rng = np.random.default_rng([self.seed, len(self.sets)])
         self.half = np.concatenate([self.half, rng.integers(0, 2, n)])
         self.has_ctf = np.concatenate([self.has_ctf, np.full(n, particles.has_ctf)])
         return np.arange(self.n - n, self.n)
 
-    def _new_block(self, n: int, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    @property
+    def n_held(self) -> int:
+        """Particles this process holds (all of them, outside a distributed job)."""
+        return sum(len(c) for c in self._coeffs)
+
+    def _preprocess_block(
+        self, particles: ParticleSet, held: np.ndarray, block: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Cache block ``block``: the particles ``held`` (rows of ``particles``),
+        preprocessed chunk by chunk (never all images in memory)."""
+        p = self.params
+        coeffs = self._new_block(len(held), "block", (2, self.grid.n), block)
+        ctf = self._ctf_array(particles)
+        ctf_vals = self._new_block(len(held), "ctf", (self.grid.n,), block)
+        for start in range(0, len(held), self.chunk_size):  # CTF once per particle, cached
+            sel = slice(start, min(start + self.chunk_size, len(held)))
+            if particles.has_ctf:
+                rows = torch.from_numpy(ctf[held[sel]]).to(self.device)
+                vals = ctf_values(rows, self._ctf_grid, p.working_pixel_size_A)
+            else:
+                vals = torch.ones((sel.stop - sel.start, self.grid.n))
+            ctf_vals[sel] = vals.to(torch.float16).cpu().numpy()
+        for start in range(0, len(held), self.chunk_size):
+            sel = slice(start, min(start + self.chunk_size, len(held)))
+            idx = held[sel]
+            x = torch.from_numpy(particles.read_images(idx))
+            if not torch.isfinite(x).all():
+                bad = int(idx[torch.nonzero(~torch.isfinite(x).flatten(1).all(1))[0, 0]])
+                raise ParticleFileError(
+                    particles.source_path, "image holds NaN or infinite values", row=bad
+                )
+            coeffs[sel] = self._preprocess(x)
+        if self.cache_dir is not None:
+            coeffs.flush()
+            ctf_vals.flush()
+        return coeffs, ctf_vals
+
+    def _new_block(self, n: int, kind: str, shape: tuple[int, ...], block: int) -> np.ndarray:
         shape = (n,) + shape
-        if self.cache_dir is None:
+        if self.cache_dir is None or n == 0:  # (an empty file cannot be memory-mapped)
             return np.empty(shape, dtype=np.float16)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        path = self.cache_dir / f"{kind}_{len(self._coeffs):05d}.npy"
+        path = self.cache_dir / f"{kind}_{block:05d}.npy"
         return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
 
     def _preprocess(self, x: torch.Tensor) -> np.ndarray:
-        bg = x[:, self._background]
+        x = x.to(self.device)
+        bg = x.flatten(1)[:, self._background_at]
         mean = bg.mean(1)
         std = bg.std(1).clamp(min=1e-6)
         x = (x - mean[:, None, None]) / std[:, None, None] * self._window
         c = self._full_grid.forward(x)[:, self._crop_index] * self._scale
-        return torch.stack((c.real, c.imag), 1).to(torch.float16).numpy()
+        return torch.stack((c.real, c.imag), 1).to(torch.float16).cpu().numpy()
 
     @staticmethod
     def _ctf_array(particles: ParticleSet) -> np.ndarray:
@@ -178,18 +220,47 @@ class ParticlePool:
         cols = [np.asarray(getattr(particles.ctf, c), dtype=np.float32) for c in CTF_COLUMNS]
         return np.stack(cols, 1)
 
-    def reopen(self, sets: list[ParticleSet], half: np.ndarray) -> None:
-        """Re-attach the cached blocks of ``sets`` (a resumed job) without re-reading stacks."""
+    def reopen(self, sets: list[ParticleSet], half: np.ndarray) -> int:
+        """Re-attach the cached blocks of ``sets`` (a resumed job) without re-reading stacks.
+
+        A block whose cache is missing or was written for another number of processes
+        (a job resumed with more or fewer of them) is preprocessed again from the stacks.
+        Returns the number of blocks preprocessed again.
+        """
+        rebuilt = 0
         for i, particles in enumerate(sets):
-            self._coeffs.append(np.load(self.cache_dir / f"block_{i:05d}.npy", mmap_mode="r"))
-            self._ctf_values.append(np.load(self.cache_dir / f"ctf_{i:05d}.npy", mmap_mode="r"))
+            n = particles.n_particles
+            held = self.shard.mine(np.arange(self.n, self.n + n)) - self.n
+            cached = self._open_cached(i, len(held))
+            if cached is None:
+                cached = self._preprocess_block(particles, held, i)
+                rebuilt += 1
+            self._coeffs.append(cached[0])
+            self._ctf_values.append(cached[1])
             self._ctf.append(self._ctf_array(particles))
+            self._rows.append(_row_index(n, held))
             self.sets.append(particles)
-            self._starts.append(self.n + particles.n_particles)
-            self.has_ctf = np.concatenate(
-                [self.has_ctf, np.full(particles.n_particles, particles.has_ctf)]
-            )
+            self._starts.append(self.n + n)
+            self.has_ctf = np.concatenate([self.has_ctf, np.full(n, particles.has_ctf)])
         self.half = np.asarray(half)
+        return rebuilt
+
+    def _open_cached(self, block: int, n_held: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The memory maps of cache block ``block`` when they hold ``n_held`` particles."""
+        if n_held == 0:
+            return np.empty((0, 2, self.grid.n), np.float16), np.empty(
+                (0, self.grid.n), np.float16
+            )
+        paths = [self.cache_dir / f"{kind}_{block:05d}.npy" for kind in ("block", "ctf")]
+        if not all(p.is_file() for p in paths):
+            return None
+        try:
+            maps = tuple(np.load(p, mmap_mode="r") for p in paths)
+        except (OSError, ValueError):
+            return None
+        if any(m.shape[0] != n_held or m.shape[-1] != self.grid.n for m in maps):
+            return None
+        return maps
 
     # -- reading --------------------------------------------------------------------
     def get(
@@ -205,19 +276,34 @@ class ParticlePool:
         for b in np.unique(which):  # loop over cache blocks, not particles
             sel = np.nonzero(which == b)[0]
             local = indices[sel] - self._starts[b]
-            coeffs[sel] = self._coeffs[b][local]
-            ctf_vals[sel] = self._ctf_values[b][local]
+            rows = self._rows[b][local]
+            if len(rows) and rows.min() < 0:
+                raise IndexError(
+                    f"particle {int(indices[sel][np.argmin(rows)])} is held by another "
+                    "process of the distributed job"
+                )
+            coeffs[sel] = self._coeffs[b][rows]
+            ctf_vals[sel] = self._ctf_values[b][rows]
             params[sel] = self._ctf[b][local]
-        t = torch.from_numpy(coeffs.astype(np.float32)).to(device)
+        # float16 over the bus and converted on the device (half the bytes of float32;
+        # on a CPU the same conversion as before)
+        t = torch.from_numpy(coeffs).to(device).float()
         return (
             torch.complex(t[:, 0], t[:, 1]),
-            torch.from_numpy(ctf_vals.astype(np.float32)).to(device),
+            torch.from_numpy(ctf_vals).to(device).float(),
             torch.from_numpy(params).to(device),
         )
 
     def chunk_size_for(self, bytes_per_particle: float, budget_GB: float) -> int:
         """Particles per chunk so that ``bytes_per_particle`` each fit the budget (GiB)."""
         return max(1, min(4096, int(budget_GB * 2**30 / max(bytes_per_particle, 1.0))))
+
+
+def _row_index(n: int, held: np.ndarray) -> np.ndarray:
+    """``(n,)`` int64: the cache row of each particle of a block (-1: another process's)."""
+    rows = np.full(n, -1, dtype=np.int64)
+    rows[held] = np.arange(len(held))
+    return rows
 
 
 def particle_window(params: ResolvedParams) -> torch.Tensor:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache, cached_property
 
 import torch
 
@@ -83,6 +84,23 @@ class SearchSpace:
         """The pose band as a mask over the alignment band's coefficients."""
         band = self.align_band if self.pose_band is None else self.pose_band
         return band[self.align_band]
+
+    # index tensors of the bands, made once: indexing with a boolean mask makes every
+    # chunk on a GPU wait for the mask's count (a device-to-host copy)
+    @cached_property
+    def align_index(self) -> torch.Tensor:
+        """The alignment band's coefficients, as positions in the grid."""
+        return torch.nonzero(self.align_band).flatten()
+
+    @cached_property
+    def coarse_index(self) -> torch.Tensor:
+        """The coarse band, as positions within the alignment band."""
+        return torch.nonzero(self.coarse_in_align).flatten()
+
+    @cached_property
+    def pose_index(self) -> torch.Tensor:
+        """The pose band, as positions within the alignment band."""
+        return torch.nonzero(self.pose_in_align).flatten()
 
     @property
     def n_fine(self) -> int:
@@ -197,9 +215,16 @@ class SearchResult:
 #: best coarse poses of each candidate class compared on the pose band (see SearchSpace)
 COARSE_POSES = 4
 
-_NEIGHBOURS = torch.tensor(
-    [[dx, dy] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], dtype=torch.float32
-)
+
+@cache
+def _constant(name: str, device: torch.device) -> torch.Tensor:
+    """Small constant tensors, made once per device (not copied to a GPU every chunk)."""
+    if name == "neighbours":
+        values = [[dx, dy] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        return torch.tensor(values, dtype=torch.float32, device=device)
+    if name == "fine_offsets":
+        return torch.tensor([-2, -1, 1, 2], device=device)
+    raise KeyError(name)
 
 
 def _neighbour_shifts(
@@ -207,7 +232,7 @@ def _neighbour_shifts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The 3x3 neighbourhood of ``shift`` ``(..., 2)`` at ``step`` px: candidates
     ``(..., 9, 2)`` and a mask of those beyond ``max_shift_px``."""
-    cand = shift[..., None, :] + _NEIGHBOURS.to(shift.device) * step
+    cand = shift[..., None, :] + _constant("neighbours", shift.device) * step
     return cand, (cand**2).sum(-1) > max_shift_px**2 + 1e-6
 
 
@@ -335,7 +360,7 @@ def coarse_scores(
     """
     b = wx.shape[0]
     k = tables.table.shape[0]
-    cb = space.coarse_in_align
+    cb = space.coarse_index
     shifted = wx[:, None, cb] * tables.coarse_phases[None]  # (B, T, Fc)
     n_t = shifted.shape[1]
     s1 = (_real(shifted).reshape(b * n_t, -1) @ tables.coarse_real).reshape(
@@ -406,7 +431,7 @@ def search(
     table = tables.table
     k, n_fine, _ = table.shape
     n_coarse, stride = space.n_coarse, space.stride
-    band = space.align_band
+    band = space.align_index
     wx = (x * ctf * weight)[:, band]
     wc2 = (ctf * ctf * weight)[:, band]
     dev = x.device
@@ -429,7 +454,7 @@ def search(
     rot = (best % n_coarse) * stride  # fine rotation index (B, N1, P)
     shift = space.coarse_shifts[best // n_coarse]  # (B, N1, P, 2)
     flat = table.reshape(k * n_fine, -1)
-    pb = space.pose_in_align
+    pb = space.pose_index
     pose_flat = tables.pose_table if tables.pose_table is not None else flat
     pose_phase = tables.pose_phases if tables.pose_phases is not None else phases.table
     wx_p, wc2_p = wx[:, pb], wc2[:, pb]
@@ -467,7 +492,7 @@ def search(
     score_b = s2.gather(1, order)
     wc2_n = wc2.repeat_interleave(n, 0)
     evaluated = [score_b[..., None]]
-    fine_offsets = torch.tensor([-2, -1, 1, 2], device=dev)
+    fine_offsets = _constant("fine_offsets", dev)
     for kind, offs in (("shift", 0.5), ("rot", fine_offsets)):
         if kind == "rot":
             tried = (rot_b[..., None] + offs) % n_fine  # (B, N, J)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from napari_class2d.engine.config import Class2DConfig, ConfigError
+from napari_class2d.engine.distributed import DistributedError
 from napari_class2d.engine.job import CHECKPOINT, Class2DJob
 from napari_class2d.engine.snapshot import IterationSnapshot
 from napari_class2d.io.errors import DiskFullError
@@ -56,7 +57,7 @@ class RunError(Exception):
     ----------
     exit_code
         For the command line: 2 for bad input or options, 1 for a stream that
-        brought nothing.
+        brought nothing, 3 when another process of a distributed job was lost.
     kind
         ``"exists"`` when the output folder holds a result (resume or overwrite),
         else ``"error"``.
@@ -135,6 +136,9 @@ class JobRunner:
         except RunError:
             self.outcome = "failed"
             raise
+        except DistributedError as err:
+            self.outcome = "failed"
+            raise RunError(one_line(err), exit_code=3) from None
         except (ValueError, OSError) as err:
             self.outcome = "failed"
             log.debug("run failed", exc_info=True)
