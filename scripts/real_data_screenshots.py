@@ -65,7 +65,10 @@ def main() -> int:
     shot("12_real_classes")
 
     counts = sel.result.class_counts
-    largest_kept = int(kept[np.argmax(counts[kept - 1])]) if len(kept) else int(np.argmax(counts)) + 1
+    if len(kept):
+        largest_kept = int(kept[np.argmax(counts[kept - 1])])
+    else:
+        largest_kept = int(np.argmax(counts)) + 1
     viewer.layers["class averages"].visible = False
     sel.open_particles(largest_kept)
     shot("13_real_class_particles")
