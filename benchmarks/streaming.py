@@ -26,7 +26,10 @@ from _common import MAPS, REPO, machine, map_path, peak_rss_mb, simulate_in_chil
 
 
 class TimedChunks:
-    """A stream source that releases one chunk of a particle set every ``interval`` s."""
+    """A stream source that releases one chunk of a particle set every ``interval`` s
+    (a :class:`~napari_class2d.io.source.ParticleSource`)."""
+
+    streaming = True
 
     def __init__(self, particles, n_chunks: int, interval_s: float):
         self.parts = np.array_split(np.arange(particles.n_particles), n_chunks)
@@ -52,6 +55,12 @@ class TimedChunks:
 
     def restore(self, state: dict) -> None:
         self.taken = state["taken"]
+
+    def redelivered(self):
+        return [self.particles.subset(np.concatenate(self.parts[: self.taken]))]
+
+    def close(self) -> None:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
