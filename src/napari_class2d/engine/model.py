@@ -834,48 +834,34 @@ class Class2DModel:
         radius = 0.5 * min(self.current_radius, self._max_align_radius)
         keep = self.grid.band(0.5, max(radius, 4.0))
         weight = self._weight()
-        held = self.reducer.owns(members)  # distributed: each process its own members
 
-        def rows(idx: np.ndarray) -> torch.Tensor:
-            """Aligned, whitened low-band coefficients of ``idx`` (real ``(n, 2F)``), in
-            chunks of 128; zero rows for particles another process holds."""
-            out = torch.zeros((len(idx), 2 * int(keep.sum())), device=self.device)
-            for s in range(0, len(idx), 128):
-                part = np.arange(s, min(s + 128, len(idx)))
-                part = part[self.reducer.owns(idx[part])]
-                if not len(part):
-                    continue
-                x, ctf_vals, _ = pool.get(idx[part], self.device)
-                y, _ = self._data_terms(x, ctf_vals, torch.ones_like(weight, dtype=torch.bool))
-                sh = torch.from_numpy(assignments.shift_px[idx[part]]).float().to(self.device)
-                ang = torch.from_numpy(assignments.psi_deg[idx[part]]).float().to(self.device)
-                aligned = back_rotate(y * self.phases(sh), ang, self.grid)[:, keep]
-                row = torch.view_as_real(aligned / weight[keep].sqrt()).flatten(1)
-                out[torch.from_numpy(part).to(self.device)] = row
-            return out
-
-        # the component is found on at most SPLIT_SAMPLE members, centred on all members'
-        # mean; every member is projected (each process its own, then summed: gathered)
-        step = max(1, len(members) // SPLIT_SAMPLE)
-        (sample,) = self.reducer.sum(rows(members[::step]))
-        total = torch.zeros(sample.shape[1], device=self.device)
-        proj = torch.zeros(len(members), device=self.device)
-        mine = np.nonzero(held)[0]
-        chunks = [mine[s : s + 1024] for s in range(0, len(mine), 1024)]
-        for part in chunks:  # chunks of members: memory bounded for any class size
-            total += rows(members[part]).sum(0)
-        (total,) = self.reducer.sum(total)
-        mean = total / len(members)
-        sample = sample - mean
+        # aligned, whitened low-band coefficients (real), in chunks of 128. distributed:
+        # each process fills the rows of the members it holds and the sum gathers them
+        # (members come from one mini-batch, so they fit at once)
+        data = torch.zeros((len(members), 2 * int(keep.sum())), device=self.device)
+        for s in range(0, len(members), 128):
+            part = np.arange(s, min(s + 128, len(members)))
+            part = part[self.reducer.owns(members[part])]
+            if not len(part):
+                continue
+            idx = members[part]
+            x, ctf_vals, _ = pool.get(idx, self.device)
+            y, _ = self._data_terms(x, ctf_vals, torch.ones_like(weight, dtype=torch.bool))
+            sh = torch.from_numpy(assignments.shift_px[idx]).float().to(self.device)
+            ang = torch.from_numpy(assignments.psi_deg[idx]).float().to(self.device)
+            aligned = back_rotate(y * self.phases(sh), ang, self.grid)[:, keep]
+            row = torch.view_as_real(aligned / weight[keep].sqrt()).flatten(1)
+            data[torch.from_numpy(part).to(self.device)] = row
+        (data,) = self.reducer.sum(data)
+        data = data - data.mean(0)
+        # the component is found on at most SPLIT_SAMPLE members (every member is projected)
+        sample = data[:: max(1, len(members) // SPLIT_SAMPLE)]
         # first principal component by a few power iterations (members x frequencies)
         v = sample[0] + 1e-6
         for _ in range(20):
             v = sample.T @ (sample @ v)
             v = v / v.norm().clamp(min=1e-30)
-        for part in chunks:
-            proj[torch.from_numpy(part).to(self.device)] = (rows(members[part]) - mean) @ v
-        (proj,) = self.reducer.sum(proj)
-        proj = proj.cpu().numpy()
+        proj = (data @ v).cpu().numpy()
         return proj > np.median(proj)
 
     def _search_references(self) -> torch.Tensor:
