@@ -33,6 +33,11 @@ pytestmark = [
 
 APIX = 5.0
 DIAMETER_A = 180.0
+#: RELION's options for an iteration from our averages as references (6° and 1 px steps)
+REFERENCE_RUN = (
+    *("--tau2_fudge", "2", "--psi_step", "6", "--offset_range", "3", "--offset_step", "1"),
+    *("--flatten_solvent", "--zero_mask", "--norm", "--scale"),
+)
 
 
 def _run(cmd: list[str], cwd) -> subprocess.CompletedProcess:
@@ -158,9 +163,7 @@ def test_relion_refine_reads_our_particles_and_classes(project):
         "Class2D/job002/run_data.star",
         "Class2D/job004",
         6,
-        *("--ref", "Class2D/job002/run_model.star", "--tau2_fudge", "2"),
-        *("--psi_step", "6", "--offset_range", "3", "--offset_step", "1"),
-        *("--flatten_solvent", "--zero_mask", "--norm", "--scale"),
+        *("--ref", "Class2D/job002/run_model.star", *REFERENCE_RUN),
     )
     out = project / "Class2D" / "job004"
     ours = starfile.read(project / "Class2D" / "job002" / "run_data.star")["particles"]
@@ -200,9 +203,7 @@ def test_relion_aligns_our_particles_to_our_average_with_our_poses(project):
         "Class2D/job007/input.star",
         "Class2D/job007/run",
         1,
-        *("--ref", "Class2D/job007/reference.mrc", "--tau2_fudge", "2"),
-        *("--psi_step", "6", "--offset_range", "3", "--offset_step", "1"),
-        *("--flatten_solvent", "--zero_mask", "--norm", "--scale"),
+        *("--ref", "Class2D/job007/reference.mrc", *REFERENCE_RUN),
     )
     relion = starfile.read(job / "run" / "run_it001_data.star")["particles"]
     assert list(relion["rlnImageName"]) == list(members["rlnImageName"])
