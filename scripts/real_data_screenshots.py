@@ -15,19 +15,11 @@ Run (needs a display; on a headless machine use Xvfb)::
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _settle(app, seconds: float = 0.5) -> None:
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        app.processEvents()
-        time.sleep(0.02)
 
 
 def main() -> int:
@@ -37,31 +29,11 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    import napari
-    from qtpy.QtCore import Qt
-    from qtpy.QtWidgets import QApplication
+    from selection_screenshots import open_selection
 
-    from napari_class2d._qt.live_layers import tile_gallery
-
-    viewer = napari.Viewer(show=True, title="napari-class2d")
-    viewer.window._qt_window.resize(1600, 1000)
-    app = QApplication.instance()
-
-    def shot(name: str) -> None:
-        _settle(app)
-        path = args.out / f"{name}.png"
-        viewer.screenshot(str(path), canvas_only=False)
-        print("wrote", path)
-
-    dock, sel = viewer.window.add_plugin_dock_widget("napari-class2d", "Class Selection")
-    viewer.window._qt_window.resizeDocks([dock], [640], Qt.Orientation.Horizontal)
-    sel.columns.setValue(5)
-    sel.load(args.result)
-    sel.auto_select(blocking=True)
+    viewer, _, sel, shot = open_selection(args.result, args.out)
     kept = np.nonzero(sel.auto.keep)[0] + 1
     print("kept", kept.tolist())
-    viewer.add_image(tile_gallery(sel.result.class_averages), name="class averages")
-    viewer.reset_view()
     shot("12_real_classes")
 
     counts = sel.result.class_counts

@@ -33,15 +33,12 @@ def _settle(app, seconds=0.5):
         time.sleep(0.02)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--result", required=True, type=Path)
-    parser.add_argument("--micrograph-result", type=Path, default=None)
-    parser.add_argument("--micrographs", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "images")
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+def open_selection(result: Path, out: Path):
+    """A napari window with the Class Selection widget on ``result``, auto-selected, and
+    every average tiled in the canvas as the job widget shows them.
 
+    Returns ``(viewer, app, widget, shot)``; ``shot(name)`` saves ``out/name.png``.
+    """
     import napari
     from qtpy.QtCore import Qt
     from qtpy.QtWidgets import QApplication
@@ -54,21 +51,33 @@ def main() -> int:
 
     def shot(name):
         _settle(app)
-        path = args.out / f"{name}.png"
+        path = out / f"{name}.png"
         viewer.screenshot(str(path), canvas_only=False)
         print("wrote", path)
 
     dock, sel = viewer.window.add_plugin_dock_widget("napari-class2d", "Class Selection")
     viewer.window._qt_window.resizeDocks([dock], [640], Qt.Orientation.Horizontal)
     sel.columns.setValue(5)
-    sel.load(args.result)
+    sel.load(result)
     sel.auto_select(blocking=True)
+    viewer.add_image(tile_gallery(sel.result.class_averages), name="class averages")
+    viewer.reset_view()
+    return viewer, app, sel, shot
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--result", required=True, type=Path)
+    parser.add_argument("--micrograph-result", type=Path, default=None)
+    parser.add_argument("--micrographs", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "images")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    viewer, app, sel, shot = open_selection(args.result, args.out)
     guarded = np.nonzero(sel.auto.guarded)[0] + 1
     flagged = [k + 1 for k, f in enumerate(sel.auto.features.lineage_warning) if f]
     print("guarded", guarded.tolist(), "flagged", flagged)
-    # every average in the canvas too, tiled as the job widget shows them
-    viewer.add_image(tile_gallery(sel.result.class_averages), name="class averages")
-    viewer.reset_view()
     focus = int(guarded[0]) if len(guarded) else 1
     sel.scroll.ensureWidgetVisible(sel.tiles[focus])
     _settle(app)
