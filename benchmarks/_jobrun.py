@@ -77,6 +77,7 @@ def run_recorded(
     rows: list[dict] = []
     record: dict = {"settings": settings, "engine_commit": engine_commit(), "complete": False}
     with MemorySampler(series_every_s=series_every_s) as memory:
+        progress = _Progress(record, memory, t0, record_path)
         particles = read_particles(star)
         marks["read_star_s"] = time.perf_counter() - t0
         marks["read_star_cpu_s"] = time.process_time() - c0
@@ -94,6 +95,7 @@ def run_recorded(
             c1 = time.process_time()
             original()
             marks["initialisation_cpu_s"] = time.process_time() - c1
+            progress.watch(job.pool)
 
         job._initialise = initialise
         previous_t = None
@@ -140,6 +142,7 @@ def run_recorded(
                 row["gpu_peak_allocated_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
                 torch.cuda.reset_peak_memory_stats(device)
             rows.append(row)
+            progress.iteration_ended(snap.iteration)
             previous_t, previous_cpu = now, cpu_now
             if job.reducer.is_main:
                 print(_line(row), flush=True)
@@ -165,6 +168,45 @@ def run_recorded(
     if record_path is not None:
         write_json(Path(record_path), record)
     return record
+
+
+class _Progress:
+    """Progress inside an iteration, for a run stopped before a long iteration ends.
+
+    Counts the particles the iteration has read from the cache (``pool.get`` wrapped)
+    and every ``every_s`` seconds appends ``(seconds since start, iteration, particles
+    read so far in it, anonymous MiB)`` to ``record["progress"]`` and writes the record
+    with the memory series so far: a full iteration of a million particles on two
+    cores takes hours, and its rate and memory are measured before it ends.
+    """
+
+    def __init__(self, record: dict, memory: MemorySampler, t0: float, path, every_s=60.0):
+        self.record, self.memory, self.t0, self.path = record, memory, t0, path
+        self.every_s = every_s
+        self.iteration = 1
+        self.read = 0
+        self.last = 0.0
+        record["progress"] = []
+
+    def watch(self, pool) -> None:
+        get = pool.get
+
+        def counted(indices, *args, **kwargs):
+            self.read += len(indices)
+            now = time.perf_counter() - self.t0
+            if now - self.last >= self.every_s:
+                self.last = now
+                anon = MemorySampler.current().get("RssAnon", 0.0)
+                self.record["progress"].append((now, self.iteration, self.read, anon))
+                if self.path is not None:
+                    self.record["memory_series"] = list(self.memory.series)
+                    write_json(Path(self.path), self.record)
+            return get(indices, *args, **kwargs)
+
+        pool.get = counted
+
+    def iteration_ended(self, iteration: int) -> None:
+        self.iteration, self.read = iteration + 1, 0
 
 
 class _CpuTimes:

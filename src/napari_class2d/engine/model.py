@@ -121,46 +121,20 @@ class _ChunkResult:
     broad: torch.Tensor  # (B,) bool: rotations marginalised for this particle
 
 
-@dataclass
-class _Contributions:
-    """The best pose of each refined class of every particle, for :meth:`Class2DModel._accumulate`.
-
-    Filled chunk by chunk into tensors allocated once per iteration: small long-lived
-    tensors between the chunks' large temporaries fragment the heap. They live on the
-    model's device, so a chunk copies nothing to the host.
-    """
-
-    classes: torch.Tensor  # (n, N) int64
-    angles_deg: torch.Tensor  # (n, N)
-    shifts: torch.Tensor  # (n, N, 2) px
-    weights: torch.Tensor  # (n, N)
-    filled: int = 0
-
-    @classmethod
-    def create(cls, n: int, n_refine: int, device: torch.device) -> _Contributions:
-        return cls(
-            torch.empty((n, n_refine), dtype=torch.long, device=device),
-            torch.empty((n, n_refine), device=device),
-            torch.empty((n, n_refine, 2), device=device),
-            torch.empty((n, n_refine), device=device),
-        )
-
-    def add(self, out: _ChunkResult, space: SearchSpace) -> None:
-        res = out.search
-        # posterior of the refined classes only (others are negligible by construction)
-        g_top = out.gamma.gather(1, res.classes)
-        g_top = torch.where(g_top >= MIN_WEIGHT * g_top[:, :1], g_top, 0.0)
-        g_top = g_top / g_top.sum(1, keepdim=True).clamp(min=1e-30)
-        g_top = torch.where(out.broad[:, None], 0.0, g_top)  # these go to the buckets
-        rows = slice(self.filled, self.filled + g_top.shape[0])
-        self.filled = rows.stop
-        self.classes[rows] = res.classes
-        self.angles_deg[rows] = space.fine_angles_deg[res.rotation]
-        self.shifts[rows] = res.shift
-        self.weights[rows] = g_top
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.classes, self.angles_deg, self.shifts, self.weights
+def _best_pose_contributions(
+    out: _ChunkResult, space: SearchSpace
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best pose of each refined class of a chunk's particles, for
+    :meth:`Class2DModel._add_contributions`: classes, angles (degrees), shifts (px) and
+    weights (``(B, N)``, ``(B, N, 2)`` for the shifts). Weights are the refined classes'
+    posteriors renormalised (the others are negligible by construction); a particle whose
+    rotations are marginalised has none (it goes to the buckets instead)."""
+    res = out.search
+    g_top = out.gamma.gather(1, res.classes)
+    g_top = torch.where(g_top >= MIN_WEIGHT * g_top[:, :1], g_top, 0.0)
+    g_top = g_top / g_top.sum(1, keepdim=True).clamp(min=1e-30)
+    g_top = torch.where(out.broad[:, None], 0.0, g_top)
+    return res.classes, space.fine_angles_deg[res.rotation], res.shift, g_top
 
 
 @dataclass
@@ -522,7 +496,8 @@ class Class2DModel:
         chunk = self._chunk(pool, space)
         n = len(indices)
         mine = self.reducer.mine(indices)  # distributed: this process's share of the batch
-        best_poses = _Contributions.create(len(mine), space.n_refine, self.device)
+        num = torch.zeros((2, k, self.grid.n), dtype=torch.complex64, device=self.device)
+        den = torch.zeros((2, k, self.grid.n), device=self.device)
         buckets = _Buckets.create(k, space.n_coarse, int(keep.sum()), self.device)
         keep_at = torch.nonzero(keep).flatten()  # (positions, not a mask: no GPU sync per chunk)
         results = _Results.create(len(mine), self.device)
@@ -546,7 +521,7 @@ class Class2DModel:
             t_table += time.perf_counter() - tt
             for s in range(0, len(members), chunk):
                 idx = members[s : s + chunk]
-                x, ctf_vals, _ = pool.get(idx, self.device)
+                x, ctf_vals, params = pool.get(idx, self.device)
                 ctf = self._model_ctf(ctf_vals)
                 ts = time.perf_counter()
                 res = search(
@@ -566,7 +541,16 @@ class Class2DModel:
                 ess_sum.index_add_(0, out.best, ess_class)
                 if hard:
                     out.gamma = torch.nn.functional.one_hot(out.best, k).float()
-                best_poses.add(out, space)
+                # the M-step's sums, while the chunk is held (memory flat in the batch size)
+                self._add_contributions(
+                    num,
+                    den,
+                    x,
+                    ctf_vals,
+                    params,
+                    torch.full((len(idx),), h, device=self.device),
+                    *_best_pose_contributions(out, space),
+                )
                 # the broad particles as positions: one GPU sync per chunk, not one per mask
                 broad = torch.nonzero(out.broad).flatten()
                 if broad.numel():
@@ -596,7 +580,7 @@ class Class2DModel:
         self.reducer.share_assignments(assignments, indices)
         pmax_sum, n_broad = float(pmax_sum), int(broad_count)
         counts_hard = np.bincount(assignments.best_class[indices], minlength=k)
-        num, den = self._accumulate(pool, order, *best_poses.tensors())
+        num, den = self.reducer.sum(num, den)  # distributed: over all processes
         if n_broad:
             num_b, den_b = buckets.class_frame(space, self.grid, keep, cfg.ctf_correction)
             num_b, den_b = self.reducer.sum(num_b, den_b)  # distributed: over all processes
@@ -727,40 +711,80 @@ class Class2DModel:
         ``classes, angles_deg, weights``: ``(n, N)``; ``shifts``: ``(n, N, 2)`` px.
         Only contributions with a positive weight are back-rotated. In a distributed job
         every process calls it, with the same particles or each with its own, and gets
-        the sums over all of them.
+        the sums over all of them. (An iteration's E-step adds each chunk's own
+        contributions with :meth:`_add_contributions` while it holds the chunk.)
         """
         k, g = self.config.n_classes, self.grid
         num = torch.zeros((2, k, g.n), dtype=torch.complex64, device=self.device)
         den = torch.zeros((2, k, g.n), device=self.device)
-        weight = self._weight()
-        mode = self.config.ctf_correction
         if self.reducer.world_size > 1:  # distributed: only this process's particles
             held = torch.from_numpy(self.reducer.owns(indices)).to(weights.device)
             weights = torch.where(held[:, None], weights, 0.0)
+        held_rows = np.nonzero((weights > 0).any(1).cpu().numpy())[0]
+        step = 1024
+        for s in range(0, len(held_rows), step):
+            rows = held_rows[s : s + step]
+            x, ctf_vals, params = pool.get(indices[rows], self.device)
+            at = torch.from_numpy(rows).to(self.device)
+            self._add_contributions(
+                num,
+                den,
+                x,
+                ctf_vals,
+                params,
+                torch.from_numpy(pool.half[indices[rows]]).to(self.device),
+                classes[at],
+                angles_deg[at],
+                shifts[at],
+                weights[at],
+            )
+        return self.reducer.sum(num, den)  # distributed: over all processes
+
+    def _add_contributions(
+        self,
+        num: torch.Tensor,
+        den: torch.Tensor,
+        x: torch.Tensor,
+        ctf_vals: torch.Tensor,
+        params: torch.Tensor,
+        half: torch.Tensor,
+        classes: torch.Tensor,
+        angles_deg: torch.Tensor,
+        shifts: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> None:
+        """Add one chunk of particles to the sums ``num, den`` ``(2, K, F)`` in place.
+
+        ``x, ctf_vals, params``: the chunk's particles as :meth:`ParticlePool.get` gives
+        them; ``half`` ``(B,)`` their half sets; ``classes, angles_deg, weights`` ``(B, N)``
+        and ``shifts`` ``(B, N, 2)`` px: each particle's contributions. Only those with a
+        positive weight are back-rotated, a bounded number at a time.
+        """
+        k, g = self.config.n_classes, self.grid
+        weight = self._weight()
+        mode = self.config.ctf_correction
         rows, cols = torch.nonzero(weights > 0, as_tuple=True)
-        # what every chunk needs, moved to the device once (no host-device copies per chunk)
-        pidx = indices[rows.cpu().numpy()]
-        kk = classes[rows, cols].to(self.device)
-        angles = angles_deg[rows, cols].to(self.device)
-        w_all = weights[rows, cols].to(self.device)
-        sh_all = shifts[rows, cols].to(self.device)
-        slots = torch.from_numpy(pool.half[pidx]).to(self.device) * k + kk
-        chunk = pool.chunk_size_for(4 * g.box * g.box * 16, self.config.memory_budget_GB)
+        kk = classes[rows, cols]
+        angles = angles_deg[rows, cols]
+        w_all = weights[rows, cols]
+        sh_all = shifts[rows, cols]
+        slots = half[rows].long() * k + kk
+        # contributions back-rotated at once: oversampled spectra within the memory budget
+        chunk = max(1, min(4096, int(self.config.memory_budget_GB * 2**30 / (64 * g.box**2))))
         if self.device.type == "cpu":
             chunk = min(chunk, 128)
-        for s in range(0, len(pidx), chunk):
+        for s in range(0, rows.shape[0], chunk):
             sel = slice(s, s + chunk)
-            x, ctf_vals, params = pool.get(pidx[sel], self.device)
+            r = rows[sel]
             angle, w = angles[sel], w_all[sel]
-            data_ctf = torch.ones_like(ctf_vals) if mode == "off" else ctf_vals
-            vals = (w[:, None] * weight) * data_ctf * x * self.phases(sh_all[sel])
+            data_ctf = torch.ones_like(ctf_vals[r]) if mode == "off" else ctf_vals[r]
+            vals = (w[:, None] * weight) * data_ctf * x[r] * self.phases(sh_all[sel])
             vals = back_rotate(vals, angle, g)
             dens = (w[:, None] * weight) * rotated_ctf_weight(
-                params, angle, g, self.pixel_size_A, mode
+                params[r], angle, g, self.pixel_size_A, mode
             )
             num.view(2 * k, -1).index_add_(0, slots[sel], vals)
             den.view(2 * k, -1).index_add_(0, slots[sel], dens)
-        return self.reducer.sum(num, den)  # distributed: over all processes
 
     def _reseed(
         self,
