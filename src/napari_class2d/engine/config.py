@@ -52,8 +52,9 @@ class Class2DConfig:
     n_final_full_iterations
         Full iterations over all particles after the online phase.
     icuf
-        Initial classification uncertainty factor: the noise variance is
-        inflated by this factor at the start and annealed to 1.
+        Initial classification uncertainty factor: the noise variance of the
+        class posteriors is inflated by this factor at the start and annealed to
+        1 (pose posteriors use the measured noise throughout).
     annealing_start_iteration
         Online iteration (0-based) at which annealing starts.
     n_annealing_iterations

@@ -486,7 +486,10 @@ class Class2DModel:
         k = cfg.n_classes
         # the masked particles' coefficients are correlated: only a fraction of them are
         # independent measurements (see independent_fraction)
-        annealing = annealing / pool.independent_fraction
+        pose_temperature = 1.0 / pool.independent_fraction
+        # the initial classification uncertainty (ICUF, annealed) softens the class
+        # posteriors only: poses are weighed with the measured noise from the start
+        class_temperature = annealing * pose_temperature
         space, align_grid, align_phases = self.search_band()
         keep, keep_phases = self.marginal_band()
         weight = self._weight()
@@ -532,10 +535,10 @@ class Class2DModel:
                     space,
                     self.grid,
                     cfg.force_max_over_poses,
-                    annealing,
+                    pose_temperature,
                     align_phases,
                 )
-                out = self._posteriors(res, log_prior, annealing)
+                out = self._posteriors(res, log_prior, class_temperature, pose_temperature)
                 t_search += time.perf_counter() - ts
                 ess_class = 1.0 / (out.gamma**2).sum(1)
                 ess_sum.index_add_(0, out.best, ess_class)
@@ -632,13 +635,17 @@ class Class2DModel:
         )
 
     def _posteriors(
-        self, res: SearchResult, log_prior: torch.Tensor, annealing: float
+        self,
+        res: SearchResult,
+        log_prior: torch.Tensor,
+        class_temperature: float,
+        pose_temperature: float,
     ) -> _ChunkResult:
         """Class posteriors and each particle's best class and pose, from its best poses
         where its rotation posterior is sharp and with rotations marginalised where it is
         broad (less than :data:`SHARP_POSTERIOR` within one coarse step of the best)."""
         m = res.marginal
-        g_marg = torch.softmax(log_prior + m.class_loglik / annealing, 1)
+        g_marg = torch.softmax(log_prior + m.class_loglik / class_temperature, 1)
         best_m = g_marg.argmax(1)
         post = m.rotation_posterior.gather(
             1, best_m[:, None, None].expand(-1, 1, m.rotation_posterior.shape[-1])
@@ -648,13 +655,13 @@ class Class2DModel:
         near = post.argmax(-1, keepdim=True) + torch.arange(-1, 2, device=post.device)
         broad = post.gather(1, near % n_rot).sum(1) < SHARP_POSTERIOR
         # the best poses of the refined classes
-        g_hard = torch.softmax(log_prior + res.class_loglik / annealing, 1)
+        g_hard = torch.softmax(log_prior + res.class_loglik / class_temperature, 1)
         best_h = g_hard.argmax(1)
         pos = (res.classes == best_h[:, None]).float().argmax(1)
         ps = res.pose_scores.gather(
             1, pos[:, None, None].expand(-1, 1, res.pose_scores.shape[-1])
         )[:, 0]
-        p_pose = torch.softmax(ps / annealing, -1)
+        p_pose = torch.softmax(ps / pose_temperature, -1)
 
         def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             mask = broad.reshape((-1,) + (1,) * (a.dim() - 1))
