@@ -3,6 +3,8 @@ stop/resume, RELION outputs, streaming equivalence."""
 
 from __future__ import annotations
 
+import json
+
 import mrcfile
 import numpy as np
 import pytest
@@ -41,7 +43,10 @@ def test_recovers_views_and_in_plane_angles(data):
     job, snaps = run(ps)
     classes = job.assignments.best_class
     assert purity(labels, classes) >= 0.9
-    # within a class, estimated minus true angle is constant (poses are consistent)
+    # within a class, estimated minus true angle is constant (poses are consistent): in
+    # every class that holds a tenth of the particles, and over all particles of all classes
+    # (a fragment of a few tens of particles may be less consistent)
+    spreads = []
     for c in np.unique(classes):
         sel = (classes == c) & (labels == np.bincount(labels[classes == c]).argmax())
         if sel.sum() < 10:
@@ -49,7 +54,10 @@ def test_recovers_views_and_in_plane_angles(data):
         # blob views can be nearly two-fold symmetric, so a 180° flip is not an error here
         d = (job.assignments.psi_deg[sel] - psi[sel]) % 180
         spread = np.abs((d - np.median(d) + 90) % 180 - 90)
-        assert np.median(spread) < 6.0
+        spreads.append(spread)
+        if sel.sum() >= 0.1 * len(classes):
+            assert np.median(spread) < 6.0, (c, sel.sum(), np.median(spread))
+    assert np.median(np.concatenate(spreads)) < 4.0
     # one snapshot per iteration, averages at the working box
     assert [s.phase for s in snaps] == ["online"] * 4 + ["full"]
     assert snaps[-1].class_averages.shape == (4, 32, 32)
@@ -87,6 +95,37 @@ def test_stop_and_resume_gives_the_uninterrupted_result(data, tmp_path):
         resumed.model.class_averages(), straight.model.class_averages(), atol=1e-6
     )
 
+
+
+def test_checkpoint_without_the_shown_averages_resumes(data, tmp_path):
+    """A checkpoint written before the shown class averages were kept (they are derived
+    from the statistics) resumes, and the job ends as the uninterrupted one."""
+    import torch
+
+    from napari_class2d.engine import checkpoint
+
+    ps = data[0]
+    cfg = Class2DConfig(**SMALL)
+    job = Class2DJob(ps, cfg, out_dir=tmp_path)
+    it = job.run()
+    next(it)
+    next(it)
+    job.request_stop()
+    assert list(it) == []
+    path = tmp_path / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    document, tensors = json.loads(saved["json"]), saved["tensors"]
+    assert "averages" in document["model"]["arrays"] and "model/averages" in tensors
+    del document["model"]["arrays"]["averages"], tensors["model/averages"]
+    torch.save({"json": json.dumps(document), "tensors": tensors}, path)
+    assert "averages" not in checkpoint.load(path)[0]["model"]["arrays"]
+    resumed = Class2DJob(ps, cfg, out_dir=tmp_path, resume=True)
+    list(resumed.run())
+    straight, _ = run(ps)
+    assert np.array_equal(resumed.assignments.best_class, straight.assignments.best_class)
+    np.testing.assert_allclose(
+        resumed.model.class_averages(), straight.model.class_averages(), atol=1e-6
+    )
 
 def test_outputs_read_back_as_relion_files(data, tmp_path):
     ps, labels = data[0], data[1]

@@ -728,14 +728,16 @@ class Class2DJob:
         state = checkpoint.join_state(described, tensors, "model")
         current = self.model.state_dict()
         where = self.out_dir / CHECKPOINT
-        if set(state) != set(current):
+        if set(state) != set(current) and not (
+            set(state) < set(current) and set(current) - set(state) <= Class2DModel.DERIVED_STATE
+        ):
             raise CheckpointError(
                 f"{where}: the classifier state it holds ({', '.join(sorted(state))}) is not "
                 f"this version's ({', '.join(sorted(current))}); start the job again (overwrite)"
             )
         for key, value in current.items():
             shape = getattr(value, "shape", None)
-            if shape is not None and tuple(state[key].shape) != tuple(shape):
+            if key in state and shape is not None and tuple(state[key].shape) != tuple(shape):
                 raise CheckpointError(
                     f"{where}: {key} has shape {tuple(state[key].shape)}, this version's "
                     f"{tuple(shape)}; start the job again (overwrite)"

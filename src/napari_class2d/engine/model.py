@@ -38,6 +38,7 @@ from napari_class2d.engine.reconstruct import (
     clamp_solvent,
     class_power,
     current_radius,
+    half_set_signal,
     orientable_ssnr,
     regularised_average,
     resolution_from_frc,
@@ -297,7 +298,10 @@ class Class2DModel:
         self.den = torch.zeros((2, k, f), device=device)
         self.noise = torch.ones(g.n_rings, device=device)
         self.prior = torch.full((k,), 1.0 / k, device=device)
+        #: what the particles are aligned to (Wiener filter with the classification prior)
         self.references = torch.zeros((k, g.box, g.box), device=device)
+        #: what is shown and written (Wiener filter from the half sets; see _update_references)
+        self.averages = torch.zeros((k, g.box, g.box), device=device)
         self.resolution = torch.full((k,), float("inf"), device=device)
         self.frc = torch.zeros((k, g.n_rings), device=device)
         self.tau2 = torch.ones((k, g.n_rings), device=device)
@@ -317,10 +321,23 @@ class Class2DModel:
         self.reducer: Reducer = LOCAL
 
     # -- state for checkpoints ---------------------------------------------------------
+    #: state a checkpoint may lack (written by an earlier version): recomputed on loading
+    DERIVED_STATE = frozenset({"averages"})
+
     def state_dict(self) -> dict:
         return {
             n: getattr(self, n).cpu()
-            for n in ("num", "den", "noise", "prior", "references", "resolution", "frc", "tau2")
+            for n in (
+                "num",
+                "den",
+                "noise",
+                "prior",
+                "references",
+                "averages",
+                "resolution",
+                "frc",
+                "tau2",
+            )
         } | {
             "initialised": self.initialised,
             "n_updates": self.n_updates,
@@ -331,6 +348,8 @@ class Class2DModel:
     def load_state_dict(self, state: dict) -> None:
         for n, v in state.items():
             setattr(self, n, v.to(self.device) if torch.is_tensor(v) else v)
+        if "averages" not in state:  # a checkpoint written before the averages were kept
+            self.averages = self._shown_averages()
 
     # -- helpers -----------------------------------------------------------------------
     @property
@@ -940,7 +959,7 @@ class Class2DModel:
         )
         avg, inv_tau2 = regularised_average(self.num.sum(0), total_den, tau2, g)
 
-        def masked_images(avg: torch.Tensor) -> torch.Tensor:
+        def masked_images(avg: torch.Tensor, inv_tau2: torch.Tensor) -> torch.Tensor:
             images = g.inverse(avg) * self.mask
             if cfg.clamp_solvent:
                 images = clamp_solvent(
@@ -948,18 +967,19 @@ class Class2DModel:
                 )
             return images
 
-        images = masked_images(avg)
+        images = masked_images(avg, inv_tau2)
         if cfg.recenter:
             shift = centre_of_mass_shift(images, cfg.recenter_threshold, cfg.recenter_binary)
             shift = torch.where(shift.norm(dim=-1, keepdim=True) > 0.5, shift, 0.0)
             if bool((shift != 0).any()):
                 phase = g.shift_phase(shift, -1.0)
                 self.num = self.num * phase[None]
-                images = masked_images(avg * phase)
+                images = masked_images(avg * phase, inv_tau2)
         self.frc = frc
         self.tau2 = tau2
         self.resolution = resolution_from_frc(frc, g, self.pixel_size_A)
         self.references = images
+        self.averages = self._shown_averages()
         populated = self.prior > EMPTY_FRACTION / cfg.n_classes
         # the round part common to all particles carries no angle: only the rest counts
         dvp = cfg.regularisation_factor * orientable_ssnr(self.num, self.den, g)
@@ -970,9 +990,23 @@ class Class2DModel:
             self._max_align_radius,
         )
 
+    def _shown_averages(self) -> torch.Tensor:
+        """``(K, D, D)`` the averages shown and written: the statistics Wiener-filtered by
+        the signal the half sets measure (:func:`half_set_signal`), without the
+        classification prior the references get, then masked (or clamp-solvent)."""
+        g, cfg = self.grid, self.config
+        total_num, total_den = self.num.sum(0), self.den.sum(0)
+        tau2, _ = half_set_signal(self.num, self.den, g, cfg.regularisation_factor)
+        avg, inv_tau2 = regularised_average(total_num, total_den, tau2, g)
+        images = g.inverse(avg) * self.mask
+        if cfg.clamp_solvent:
+            images = clamp_solvent(total_num, total_den, inv_tau2, self.support, g, images)
+        return images
+
     # -- reporting ---------------------------------------------------------------------
     def class_averages(self) -> np.ndarray:
-        return self.references.detach().cpu().numpy().astype(np.float32)
+        """``(K, D, D)`` the class averages shown and written (:attr:`averages`)."""
+        return self.averages.detach().cpu().numpy().astype(np.float32)
 
 
 def resolve_device(name: str) -> torch.device:
