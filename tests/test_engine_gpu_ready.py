@@ -4,9 +4,12 @@ On a GPU, reading a tensor as a Python number (``float(t)``, ``bool(t)``, ``.ite
 ``.cpu()``), ``torch.nonzero`` and indexing with a boolean mask make the host wait for
 the device. Counted here on the CPU, at the operators behind them (a dispatch mode sees
 every one), for one iteration cut into many small chunks and into a few large ones: the
-difference is what a chunk costs. The only one left per E-step chunk is the selection
-of the particles whose rotations are marginalised (its size depends on the data); the
-M-step's chunks have none.
+difference is what a chunk costs. Two are left per E-step chunk, both selections whose
+size depends on the data: the particles whose rotations are marginalised, and the
+best-pose contributions with a positive weight, which the chunk adds to the M-step sums
+while it holds the particles (so a pass over a million particles keeps no per-particle
+contributions and reads the cache once). A sync costs microseconds against a chunk's
+milliseconds of search; one per mask or per particle would not.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def test_a_chunk_makes_at_most_one_host_device_sync():
     few, large = one_iteration(particles, 0.5)
     assert many >= few + 20  # the budgets do cut the iteration differently
     extra = sum(small.values()) - sum(large.values())
-    assert extra <= many - few, (
+    assert extra <= 2 * (many - few), (
         f"{extra} more sync points for {many - few} more chunks: "
         f"{sorted((small - large).items(), key=lambda kv: -kv[1])}"
     )

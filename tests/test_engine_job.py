@@ -96,7 +96,6 @@ def test_stop_and_resume_gives_the_uninterrupted_result(data, tmp_path):
     )
 
 
-
 def test_checkpoint_without_the_shown_averages_resumes(data, tmp_path):
     """A checkpoint written before the shown class averages were kept (they are derived
     from the statistics) resumes, and the job ends as the uninterrupted one."""
@@ -126,6 +125,7 @@ def test_checkpoint_without_the_shown_averages_resumes(data, tmp_path):
     np.testing.assert_allclose(
         resumed.model.class_averages(), straight.model.class_averages(), atol=1e-6
     )
+
 
 def test_outputs_read_back_as_relion_files(data, tmp_path):
     ps, labels = data[0], data[1]

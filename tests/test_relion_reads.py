@@ -208,13 +208,32 @@ def test_relion_aligns_our_particles_to_our_average_with_our_poses(project):
     relion = starfile.read(job / "run" / "run_it001_data.star")["particles"]
     assert list(relion["rlnImageName"]) == list(members["rlnImageName"])
     # RELION samples 6° and 1 px here
-    dpsi = (relion["rlnAnglePsi"] - members["rlnAnglePsi"] + 180.0) % 360.0 - 180.0
+    dpsi = np.abs((relion["rlnAnglePsi"] - members["rlnAnglePsi"] + 180.0) % 360.0 - 180.0)
     dxy = np.hypot(
         relion["rlnOriginXAngst"] - members["rlnOriginXAngst"],
         relion["rlnOriginYAngst"] - members["rlnOriginYAngst"],
     )
-    assert np.mean(np.abs(dpsi) <= 6.0) >= 0.85, np.percentile(np.abs(dpsi), 90)
+    assert np.median(dpsi) <= 3.0, np.percentile(dpsi, [50, 90])
     assert np.mean(dxy <= 1.5 * APIX) >= 0.9, np.percentile(dxy, 90)
+    # the rest of the spread is RELION's own: one iteration at 6° strays from the true
+    # angles as far as from ours (on this set 10-11° for its worst tenth), while ours are
+    # within a few degrees of the truth (the class frame is the view's, turned: the
+    # difference to the truth is a constant per class)
+    truth_file = project / "Import" / "job001" / "truth.star"
+    truth = next(iter(starfile.read(truth_file, always_dict=True).values()))
+    true_psi = truth["sim_psi_deg"].to_numpy()[(ours["rlnClassNumber"] == k).to_numpy()]
+
+    def spread(d: np.ndarray) -> np.ndarray:
+        d = d % 360.0
+        return np.abs((d - np.median(d) + 180.0) % 360.0 - 180.0)
+
+    ours_vs_truth = spread(members["rlnAnglePsi"].to_numpy() - true_psi)
+    relion_vs_truth = spread(relion["rlnAnglePsi"].to_numpy() - true_psi)
+    assert np.percentile(ours_vs_truth, 90) <= 6.0, np.percentile(ours_vs_truth, [50, 90])
+    assert np.percentile(dpsi, 85) <= np.percentile(relion_vs_truth, 85) + 1.0, (
+        np.percentile(dpsi, [50, 85]),
+        np.percentile(relion_vs_truth, [50, 85]),
+    )
 
 
 def test_relion_refine_reads_our_exported_selection(project):

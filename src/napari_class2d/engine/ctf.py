@@ -78,14 +78,17 @@ def electron_wavelength_A(voltage_kV: torch.Tensor) -> torch.Tensor:
     return 12.2643247 / torch.sqrt(volts * (1 + 0.978466e-6 * volts))
 
 
-def ctf_at(params: torch.Tensor, grid: FourierGrid, pixel_size_A: float) -> torch.Tensor:
+def ctf_at(
+    params: torch.Tensor, grid: FourierGrid, pixel_size_A: float, bfactor: bool | None = None
+) -> torch.Tensor:
     """The same CTF as :func:`ctf_values`, evaluated directly at the kept frequencies.
 
     Used where the CTF must be re-evaluated for many particles every iteration
     (the M-step needs it with the astigmatism angle turned by each particle's
     in-plane angle); evaluating only the kept frequencies is several times
     faster than rendering full grids. ``tests/test_engine_ctf.py`` checks it
-    against :func:`ctf_values` (torch-ctf).
+    against :func:`ctf_values` (torch-ctf). ``bfactor``: whether any particle has a
+    B-factor, when the caller knows (None: looked up in ``params``, a device sync).
     """
     du, dv, ang, kv, cs, q, phase, bfac = (c[:, None] for c in params.T)
     kx = grid.kx / (grid.box * pixel_size_A)
@@ -97,6 +100,8 @@ def ctf_at(params: torch.Tensor, grid: FourierGrid, pixel_size_A: float) -> torc
     chi = math.pi * lam * df * k2 - 0.5 * math.pi * cs * 1e7 * lam**3 * k2 * k2
     chi = chi + torch.deg2rad(phase) + torch.atan2(q, torch.sqrt((1 - q * q).clamp(min=0)))
     ctf = torch.sin(chi)
-    if bfac.is_cuda or bool(torch.any(bfac != 0)):  # (exp(0) = 1: cheaper than a GPU sync)
+    if bfactor is None:  # (exp(0) = 1: cheaper than a GPU sync)
+        bfactor = bfac.is_cuda or bool(torch.any(bfac != 0))
+    if bfactor:
         ctf = ctf * torch.exp(-bfac * k2 / 4.0)
     return ctf

@@ -533,6 +533,7 @@ class Class2DModel:
         half = pool.half[mine]
         order = np.concatenate([mine[half == h] for h in (0, 1)])
         search_refs = self._search_references()
+        has_bfactor = pool.has_bfactor
         for h in (0, 1):
             members = mine[half == h]
             if not len(members):
@@ -563,7 +564,8 @@ class Class2DModel:
                 ess_sum.index_add_(0, out.best, ess_class)
                 if hard:
                     out.gamma = torch.nn.functional.one_hot(out.best, k).float()
-                # the M-step's sums, while the chunk is held (memory flat in the batch size)
+                # the M-step's sums, while the chunk is held (memory flat in the batch size;
+                # the positions of its positive weights are this chunk's second GPU sync)
                 self._add_contributions(
                     num,
                     den,
@@ -572,6 +574,7 @@ class Class2DModel:
                     params,
                     torch.full((len(idx),), h, device=self.device),
                     *_best_pose_contributions(out, space),
+                    bfactor=has_bfactor,
                 )
                 # the broad particles as positions: one GPU sync per chunk, not one per mask
                 broad = torch.nonzero(out.broad).flatten()
@@ -763,6 +766,7 @@ class Class2DModel:
                 angles_deg[at],
                 shifts[at],
                 weights[at],
+                pool.has_bfactor,
             )
         return self.reducer.sum(num, den)  # distributed: over all processes
 
@@ -778,18 +782,25 @@ class Class2DModel:
         angles_deg: torch.Tensor,
         shifts: torch.Tensor,
         weights: torch.Tensor,
+        bfactor: bool | None = None,
+        positions: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """Add one chunk of particles to the sums ``num, den`` ``(2, K, F)`` in place.
 
         ``x, ctf_vals, params``: the chunk's particles as :meth:`ParticlePool.get` gives
         them; ``half`` ``(B,)`` their half sets; ``classes, angles_deg, weights`` ``(B, N)``
         and ``shifts`` ``(B, N, 2)`` px: each particle's contributions. Only those with a
-        positive weight are back-rotated, a bounded number at a time.
+        positive weight are back-rotated, a bounded number at a time. ``bfactor``: whether
+        any particle has a CTF B-factor (:attr:`ParticlePool.has_bfactor`); ``positions``:
+        the (row, column) positions of the positive weights when the caller has them
+        (each lookup is a device sync).
         """
         k, g = self.config.n_classes, self.grid
         weight = self._weight()
         mode = self.config.ctf_correction
-        rows, cols = torch.nonzero(weights > 0, as_tuple=True)
+        if positions is None:
+            positions = torch.nonzero(weights > 0, as_tuple=True)
+        rows, cols = positions
         kk = classes[rows, cols]
         angles = angles_deg[rows, cols]
         w_all = weights[rows, cols]
@@ -807,7 +818,7 @@ class Class2DModel:
             vals = (w[:, None] * weight) * data_ctf * x[r] * self.phases(sh_all[sel])
             vals = back_rotate(vals, angle, g)
             dens = (w[:, None] * weight) * rotated_ctf_weight(
-                params[r], angle, g, self.pixel_size_A, mode
+                params[r], angle, g, self.pixel_size_A, mode, bfactor
             )
             num.view(2 * k, -1).index_add_(0, slots[sel], vals)
             den.view(2 * k, -1).index_add_(0, slots[sel], dens)

@@ -121,6 +121,12 @@ class ParticlePool:
         """
         return float((self._window**2).mean())
 
+    @property
+    def has_bfactor(self) -> bool:
+        """Whether any particle held has a CTF B-factor (read on the host: no device sync)."""
+        column = CTF_COLUMNS.index("bfactor_A2")
+        return any(bool(np.any(c[:, column] != 0)) for c in self._ctf)
+
     # -- size -----------------------------------------------------------------------
     @property
     def n(self) -> int:

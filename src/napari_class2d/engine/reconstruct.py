@@ -25,18 +25,19 @@ def rotated_ctf_weight(
     grid: FourierGrid,
     pixel_size_A: float,
     mode: str,
+    bfactor: bool | None = None,
 ) -> torch.Tensor:
     """Wiener denominator contribution in the class frame for particles at angle ψ.
 
     ``CTF(R_ψ g)`` is the CTF with its astigmatism angle turned by ``-ψ``, so it is
     evaluated exactly rather than interpolated. Returns ``CTF²`` (full), ``|CTF|``
-    (phase flip) or 1 (off), ``(M, F)``.
+    (phase flip) or 1 (off), ``(M, F)``. ``bfactor``: as for :func:`ctf_at`.
     """
     if mode == "off":
         return torch.ones((params.shape[0], grid.n), device=params.device)
     p = params.clone()
     p[:, 2] = p[:, 2] - angles_deg
-    c = ctf_at(p, grid, pixel_size_A)
+    c = ctf_at(p, grid, pixel_size_A, bfactor)
     return c * c if mode == "full" else c.abs()
 
 
