@@ -102,6 +102,13 @@ def run_spec(
         if err.kind == "exists":
             hint = ". Add --resume to continue that job or --overwrite to start over"
         print(f"{prog}: error: {err}{hint}", file=sys.stderr)
+        if err.exit_code == 3 and distributed.launched():
+            # another process is lost: leave without tearing the process group down (its
+            # destructor can wait on, or abort over, the lost peer) with the exit code
+            # torchrun reports; the checkpoint is already on disk
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(3)
         return err.exit_code
     except Terminated:
         print(
