@@ -84,7 +84,7 @@ def one_iteration(particles, budget_GB: float) -> tuple[int, collections.Counter
     return n_chunks, spy.where
 
 
-def test_a_chunk_makes_at_most_one_host_device_sync():
+def test_a_chunk_makes_at_most_two_host_device_syncs():
     particles = make_particles(400, box=32, pixel_size_A=5.0, n_views=3, snr=0.5, seed=3)[0]
     many, small = one_iteration(particles, 0.002)
     few, large = one_iteration(particles, 0.5)

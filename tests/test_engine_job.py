@@ -74,26 +74,36 @@ def test_same_seed_same_classes_other_seed_differs(data):
     assert not np.array_equal(a.model.class_averages(), c.model.class_averages())
 
 
-def test_stop_and_resume_gives_the_uninterrupted_result(data, tmp_path):
-    ps = data[0]
-    cfg = Class2DConfig(**SMALL)
-    job = Class2DJob(ps, cfg, out_dir=tmp_path)
+def stop_after_two_iterations(ps, cfg, out) -> None:
+    """Run a job into ``out`` and stop it after its second iteration (checkpoint kept)."""
+    job = Class2DJob(ps, cfg, out_dir=out)
     it = job.run()
     next(it)
     next(it)
     job.request_stop()
     assert list(it) == []
+
+
+def assert_uninterrupted_result(resumed, ps) -> None:
+    """``resumed`` (run to its end) has the classes and averages of a job never stopped."""
+    straight, _ = run(ps)
+    assert np.array_equal(resumed.assignments.best_class, straight.assignments.best_class)
+    np.testing.assert_allclose(
+        resumed.model.class_averages(), straight.model.class_averages(), atol=1e-6
+    )
+
+
+def test_stop_and_resume_gives_the_uninterrupted_result(data, tmp_path):
+    ps = data[0]
+    cfg = Class2DConfig(**SMALL)
+    stop_after_two_iterations(ps, cfg, tmp_path)
     assert (tmp_path / "checkpoint.pt").exists()
     with pytest.raises(FileExistsError):
         Class2DJob(ps, cfg, out_dir=tmp_path)  # never overwrite without asking
     resumed = Class2DJob(ps, cfg, out_dir=tmp_path, resume=True)
     rest = list(resumed.run())
     assert [s.iteration for s in rest] == [3, 4, 5]
-    straight, _ = run(ps)
-    assert np.array_equal(resumed.assignments.best_class, straight.assignments.best_class)
-    np.testing.assert_allclose(
-        resumed.model.class_averages(), straight.model.class_averages(), atol=1e-6
-    )
+    assert_uninterrupted_result(resumed, ps)
 
 
 def test_checkpoint_without_the_shown_averages_resumes(data, tmp_path):
@@ -105,12 +115,7 @@ def test_checkpoint_without_the_shown_averages_resumes(data, tmp_path):
 
     ps = data[0]
     cfg = Class2DConfig(**SMALL)
-    job = Class2DJob(ps, cfg, out_dir=tmp_path)
-    it = job.run()
-    next(it)
-    next(it)
-    job.request_stop()
-    assert list(it) == []
+    stop_after_two_iterations(ps, cfg, tmp_path)
     path = tmp_path / "checkpoint.pt"
     saved = torch.load(path, weights_only=True)
     document, tensors = json.loads(saved["json"]), saved["tensors"]
@@ -120,11 +125,7 @@ def test_checkpoint_without_the_shown_averages_resumes(data, tmp_path):
     assert "averages" not in checkpoint.load(path)[0]["model"]["arrays"]
     resumed = Class2DJob(ps, cfg, out_dir=tmp_path, resume=True)
     list(resumed.run())
-    straight, _ = run(ps)
-    assert np.array_equal(resumed.assignments.best_class, straight.assignments.best_class)
-    np.testing.assert_allclose(
-        resumed.model.class_averages(), straight.model.class_averages(), atol=1e-6
-    )
+    assert_uninterrupted_result(resumed, ps)
 
 
 def test_outputs_read_back_as_relion_files(data, tmp_path):

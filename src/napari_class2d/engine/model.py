@@ -754,7 +754,7 @@ class Class2DModel:
         for s in range(0, len(held_rows), step):
             rows = held_rows[s : s + step]
             x, ctf_vals, params = pool.get(indices[rows], self.device)
-            at = torch.from_numpy(rows).to(self.device)
+            at = torch.from_numpy(rows)  # (the contributions may be on the host)
             self._add_contributions(
                 num,
                 den,
@@ -762,10 +762,7 @@ class Class2DModel:
                 ctf_vals,
                 params,
                 torch.from_numpy(pool.half[indices[rows]]).to(self.device),
-                classes[at],
-                angles_deg[at],
-                shifts[at],
-                weights[at],
+                *(t[at].to(self.device) for t in (classes, angles_deg, shifts, weights)),
                 pool.has_bfactor,
             )
         return self.reducer.sum(num, den)  # distributed: over all processes
@@ -783,7 +780,6 @@ class Class2DModel:
         shifts: torch.Tensor,
         weights: torch.Tensor,
         bfactor: bool | None = None,
-        positions: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """Add one chunk of particles to the sums ``num, den`` ``(2, K, F)`` in place.
 
@@ -791,16 +787,12 @@ class Class2DModel:
         them; ``half`` ``(B,)`` their half sets; ``classes, angles_deg, weights`` ``(B, N)``
         and ``shifts`` ``(B, N, 2)`` px: each particle's contributions. Only those with a
         positive weight are back-rotated, a bounded number at a time. ``bfactor``: whether
-        any particle has a CTF B-factor (:attr:`ParticlePool.has_bfactor`); ``positions``:
-        the (row, column) positions of the positive weights when the caller has them
-        (each lookup is a device sync).
+        any particle has a CTF B-factor (:attr:`ParticlePool.has_bfactor`).
         """
         k, g = self.config.n_classes, self.grid
         weight = self._weight()
         mode = self.config.ctf_correction
-        if positions is None:
-            positions = torch.nonzero(weights > 0, as_tuple=True)
-        rows, cols = positions
+        rows, cols = torch.nonzero(weights > 0, as_tuple=True)
         kk = classes[rows, cols]
         angles = angles_deg[rows, cols]
         w_all = weights[rows, cols]
@@ -969,23 +961,14 @@ class Class2DModel:
             self.num, self.den, g, cfg.regularisation_factor, class_power(self.references, g)
         )
         avg, inv_tau2 = regularised_average(self.num.sum(0), total_den, tau2, g)
-
-        def masked_images(avg: torch.Tensor, inv_tau2: torch.Tensor) -> torch.Tensor:
-            images = g.inverse(avg) * self.mask
-            if cfg.clamp_solvent:
-                images = clamp_solvent(
-                    self.num.sum(0), total_den, inv_tau2, self.support, g, images
-                )
-            return images
-
-        images = masked_images(avg, inv_tau2)
+        images = self._masked_images(avg, inv_tau2)
         if cfg.recenter:
             shift = centre_of_mass_shift(images, cfg.recenter_threshold, cfg.recenter_binary)
             shift = torch.where(shift.norm(dim=-1, keepdim=True) > 0.5, shift, 0.0)
             if bool((shift != 0).any()):
                 phase = g.shift_phase(shift, -1.0)
                 self.num = self.num * phase[None]
-                images = masked_images(avg * phase, inv_tau2)
+                images = self._masked_images(avg * phase, inv_tau2)
         self.frc = frc
         self.tau2 = tau2
         self.resolution = resolution_from_frc(frc, g, self.pixel_size_A)
@@ -1001,18 +984,25 @@ class Class2DModel:
             self._max_align_radius,
         )
 
+    def _masked_images(self, avg: torch.Tensor, inv_tau2: torch.Tensor) -> torch.Tensor:
+        """``(K, D, D)`` images of the class averages ``avg`` (coefficients, Wiener-filtered
+        with ``inv_tau2``): masked, or with ``clamp_solvent`` solved with zero density
+        outside the mask from the current statistics."""
+        g = self.grid
+        images = g.inverse(avg) * self.mask
+        if self.config.clamp_solvent:
+            images = clamp_solvent(
+                self.num.sum(0), self.den.sum(0), inv_tau2, self.support, g, images
+            )
+        return images
+
     def _shown_averages(self) -> torch.Tensor:
         """``(K, D, D)`` the averages shown and written: the statistics Wiener-filtered by
         the signal the half sets measure (:func:`half_set_signal`), without the
         classification prior the references get, then masked (or clamp-solvent)."""
-        g, cfg = self.grid, self.config
-        total_num, total_den = self.num.sum(0), self.den.sum(0)
-        tau2, _ = half_set_signal(self.num, self.den, g, cfg.regularisation_factor)
-        avg, inv_tau2 = regularised_average(total_num, total_den, tau2, g)
-        images = g.inverse(avg) * self.mask
-        if cfg.clamp_solvent:
-            images = clamp_solvent(total_num, total_den, inv_tau2, self.support, g, images)
-        return images
+        tau2, _ = half_set_signal(self.num, self.den, self.grid, self.config.regularisation_factor)
+        avg, inv_tau2 = regularised_average(self.num.sum(0), self.den.sum(0), tau2, self.grid)
+        return self._masked_images(avg, inv_tau2)
 
     # -- reporting ---------------------------------------------------------------------
     def class_averages(self) -> np.ndarray:
