@@ -32,19 +32,6 @@ from pathlib import Path
 from _common import machine, score_summary, write_json
 
 
-def _fourier_crop(images, box: int):
-    """``(K, D, D)`` real images Fourier-cropped to ``(K, box, box)`` (same field of view,
-    larger pixels), scaled so pixel values keep their meaning (the engine's working box)."""
-    import torch
-
-    d = images.shape[-1]
-    f = torch.fft.fftshift(torch.fft.fft2(images), dim=(-2, -1))
-    c, h = d // 2, box // 2
-    f = f[..., c - h : c - h + box, c - h : c - h + box]
-    out = torch.fft.ifft2(torch.fft.ifftshift(f, dim=(-2, -1))).real
-    return out * (box / d) ** 2
-
-
 def _all_shifts(max_shift_px: float):
     import torch
 
@@ -103,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     next(job.run())  # preprocessing and the noise model of one iteration
     model, pool = job.model, job.pool
     if model.references.shape[-1] < refs.shape[-1]:  # Fourier-cropped working box
-        refs = _fourier_crop(refs, model.references.shape[-1])
+        from napari_class2d.ranking import fourier_crop
+
+        refs = fourier_crop(refs, model.references.shape[-1])
     if model.references.shape != refs.shape:
         sys.exit(f"working box {tuple(model.references.shape)} != oracle box {tuple(refs.shape)}")
 
