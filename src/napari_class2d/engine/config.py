@@ -80,6 +80,13 @@ class Class2DConfig:
         that neighbours, carbon and background texture outside the particle do not
         drive its alignment (RELION's "mask individual particles with zeros").
         Off: only a soft window at the box edge (0.85-0.99 of the box radius).
+    mask_neighbours
+        Also mask the neighbouring picks: each particle keeps the part of its box
+        nearer its own pick than any other pick on the same micrograph, with a soft
+        edge as wide as the circular mask's, so that in a crowded field a neighbour
+        inside the particle mask does not drive alignment. Uses the pick coordinates
+        (RELION ``rlnMicrographName`` and ``rlnCoordinateX/Y``; cryoSPARC
+        ``location/*``); particles without them are not affected.
     resolution_increment_px
         The search uses frequencies up to the current resolution of the classes
         (where their spectral signal-to-noise ratio still reaches 1) plus this many
@@ -138,6 +145,7 @@ class Class2DConfig:
     ctf_correction: CTFMode = "full"
     clamp_solvent: bool = False
     mask_particles_with_zeros: bool = True
+    mask_neighbours: bool = True
     resolution_increment_px: int = 10
     particle_diameter_A: float | None = None
     mask_inner_diameter_A: float | None = None
@@ -370,6 +378,7 @@ class Class2DConfig:
             inplane_step_deg=step,
             max_shift_A=max_shift,
             mask_particles_with_zeros=self.mask_particles_with_zeros,
+            mask_neighbours=self.mask_neighbours,
             max_res_A=max_res,
             notes=tuple(notes),
         )
@@ -391,6 +400,7 @@ class ResolvedParams:
     inplane_step_deg: float
     max_shift_A: float
     mask_particles_with_zeros: bool = True
+    mask_neighbours: bool = True
     #: the maximum resolution used (``max_res_A``, or its data-dependent default)
     max_res_A: float = DEFAULT_MAX_RES_A
     #: what :meth:`Class2DConfig.resolve` chose for the data, one line each

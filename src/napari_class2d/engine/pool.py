@@ -25,6 +25,12 @@ from napari_class2d.engine.config import ResolvedParams
 from napari_class2d.engine.ctf import CTF_COLUMNS, ctf_values
 from napari_class2d.engine.distributed import Shard
 from napari_class2d.engine.fourier import FourierGrid, soft_circle
+from napari_class2d.engine.neighbours import (
+    SAME_PARTICLE_FRACTION,
+    neighbour_masks,
+    neighbour_offsets_A,
+    pick_positions_A,
+)
 from napari_class2d.io.errors import ParticleFileError
 from napari_class2d.io.particles import ParticleSet
 
@@ -179,6 +185,8 @@ class ParticlePool:
         coeffs = self._new_block(len(held), "block", (2, self.grid.n), block)
         ctf = self._ctf_array(particles)
         ctf_vals = self._new_block(len(held), "ctf", (self.grid.n,), block)
+        neighbours = self._neighbour_offsets_px(particles)
+        fill = None if neighbours is None else self._fill_image(particles, held)
         for start in range(0, len(held), self.chunk_size):  # CTF once per particle, cached
             sel = slice(start, min(start + self.chunk_size, len(held)))
             if particles.has_ctf:
@@ -196,7 +204,8 @@ class ParticlePool:
                 raise ParticleFileError(
                     particles.source_path, "image holds NaN or infinite values", row=bad
                 )
-            coeffs[sel] = self._preprocess(x)
+            near = None if neighbours is None else torch.from_numpy(neighbours[idx])
+            coeffs[sel] = self._preprocess(x, near, fill)
         if self.cache_dir is not None:
             coeffs.flush()
             ctf_vals.flush()
@@ -210,12 +219,71 @@ class ParticlePool:
         path = self.cache_dir / f"{kind}_{block:05d}.npy"
         return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
 
-    def _preprocess(self, x: torch.Tensor) -> np.ndarray:
+    def _neighbour_offsets_px(self, particles: ParticleSet) -> np.ndarray | None:
+        """``(N, M, 2)`` offsets (pixels) of the neighbouring picks within reach of each
+        particle's window, or ``None`` (neighbours not masked, or no pick coordinates)."""
+        p = self.params
+        if not p.mask_neighbours:
+            return None
+        picks = pick_positions_A(particles)
+        if picks is None:
+            return None
+        radius = (
+            0.5 * p.mask_outer_diameter_A
+            if p.mask_particles_with_zeros
+            else 0.99 * 0.5 * p.box * p.pixel_size_A
+        )
+        offsets = neighbour_offsets_A(
+            *picks,
+            reach_A=2.0 * radius + self._neighbour_edge_px * p.pixel_size_A,
+            same_A=SAME_PARTICLE_FRACTION * p.particle_diameter_A,
+        )
+        return offsets / np.float32(p.pixel_size_A)
+
+    @property
+    def _neighbour_edge_px(self) -> float:
+        """Width of a neighbour mask's edge: that of the circular mask (at least 2 px)."""
+        p = self.params
+        return max(0.5 * (p.mask_outer_diameter_A - p.mask_inner_diameter_A) / p.pixel_size_A, 2.0)
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        """Images minus their background's mean, over its standard deviation."""
         x = x.to(self.device)
         bg = x.flatten(1)[:, self._background_at]
         mean = bg.mean(1)
         std = bg.std(1).clamp(min=1e-6)
-        x = (x - mean[:, None, None]) / std[:, None, None] * self._window
+        return (x - mean[:, None, None]) / std[:, None, None]
+
+    def _fill_image(self, particles: ParticleSet, held: np.ndarray) -> torch.Tensor:
+        """What a particle's masked-out neighbour side becomes: the rotational average of
+        the mean normalised image of the block's first chunk (``(D, D)``).
+
+        Filling with zeros would leave every class darker on the side its members'
+        neighbours were cut from, and the particles would then be turned to put their cut
+        there (alignment on the cut instead of on the neighbour). The rotational average
+        is what that side holds on average, whatever the particle's orientation.
+        """
+        first = held[: self.chunk_size]
+        mean = self._normalised(torch.from_numpy(particles.read_images(first))).mean(0)
+        d = self.params.box
+        c = torch.arange(d, device=self.device) - d // 2
+        r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2).round().long().flatten()
+        profile = torch.bincount(r, weights=mean.flatten().double()) / torch.bincount(r)
+        return profile[r].reshape(d, d).float()
+
+    def _preprocess(
+        self,
+        x: torch.Tensor,
+        neighbours: torch.Tensor | None = None,
+        fill: torch.Tensor | None = None,
+    ) -> np.ndarray:
+        x = self._normalised(x)
+        if neighbours is not None:
+            keep = neighbour_masks(
+                neighbours.to(self.device), self.params.box, self._neighbour_edge_px
+            )
+            x = keep * x + (1.0 - keep) * fill
+        x = x * self._window
         c = self._full_grid.forward(x)[:, self._crop_index] * self._scale
         return torch.stack((c.real, c.imag), 1).to(torch.float16).cpu().numpy()
 
