@@ -243,8 +243,7 @@ def _plan(p: SimulationParams, rng: np.random.Generator, n_views_total: int) -> 
     offset = rng.normal(0.0, DEFOCUS_SPREAD_A, size=n)
     defocus_u = mic_defocus[mic] + 0.5 * mic_astig[mic] + offset
     defocus_v = mic_defocus[mic] - 0.5 * mic_astig[mic] + offset
-    margin = p.box
-    coords = rng.uniform(margin, MICROGRAPH_SIZE_PX - margin, size=(n, 2))
+    coords = _spread_picks(mic, rng.uniform(0.0, 1.0, size=(n, 2)), p.box)
     return {
         "fractions": fractions,
         "kinds": kinds,
@@ -261,6 +260,27 @@ def _plan(p: SimulationParams, rng: np.random.Generator, n_views_total: int) -> 
         "defocus_angle": mic_angle[mic],
         "coords": coords,
     }
+
+
+def _spread_picks(mic: np.ndarray, u: np.ndarray, box: int) -> np.ndarray:
+    """Pick coordinates (pixels) on each fictitious micrograph, at least ``1.5 * box`` apart.
+
+    The images are simulated one particle at a time, with no neighbour in the box, so the
+    picks must not say otherwise (a job masks the neighbouring picks it is told of): each
+    micrograph's particles get the cells of a square lattice, in order, jittered within
+    their cell by ``u`` (``(N, 2)`` uniform draws in [0, 1)) as far as the spacing allows.
+    """
+    coords = np.empty_like(u)
+    order = np.argsort(mic, kind="stable")
+    bounds = np.flatnonzero(np.diff(mic[order])) + 1
+    for members in np.split(order, bounds):  # one micrograph at a time (vectorised within)
+        side = math.ceil(math.sqrt(len(members)))
+        cell = (MICROGRAPH_SIZE_PX - 2 * box) / side
+        jitter = max(cell - 1.5 * box, 0.0)
+        k = np.arange(len(members))
+        corner = np.stack((k % side, k // side), 1) * cell + box + 0.5 * (cell - jitter)
+        coords[members] = corner + u[members] * jitter
+    return coords
 
 
 class _SignalMaker:
