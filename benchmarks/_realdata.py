@@ -146,6 +146,62 @@ def shuffled_nmi(a: np.ndarray, b: np.ndarray, n: int = 5, seed: int = 0) -> flo
     return float(np.mean([normalised_mutual_information(rng.permutation(a), b) for _ in range(n)]))
 
 
+# -- neighbours --------------------------------------------------------------------------
+def nearest_neighbour_direction(
+    micrograph: np.ndarray, xy_A: np.ndarray, diameter_A: float
+) -> np.ndarray:
+    """Direction (degrees, from the image x axis toward +y) from each pick to its nearest
+    other pick on the same micrograph, NaN where none is nearer than ``diameter_A``."""
+    from napari_class2d.engine.neighbours import SAME_PARTICLE_FRACTION, neighbour_offsets_A
+
+    group = np.unique(np.asarray(micrograph).astype(str), return_inverse=True)[1]
+    off = neighbour_offsets_A(group, xy_A, diameter_A, SAME_PARTICLE_FRACTION * diameter_A)
+    return np.degrees(np.arctan2(off[:, 0, 1], off[:, 0, 0]))
+
+
+def neighbour_alignment(
+    direction_deg: np.ndarray,
+    classes: np.ndarray,
+    psi_deg: np.ndarray,
+    min_members: int = 20,
+    sign: float = 1.0,
+    seed: int = 0,
+) -> dict:
+    """How much a classification has aligned its particles on their neighbours.
+
+    For each class with ``min_members`` particles, the mean resultant length ``R`` of the
+    directions to its members' nearest neighbours turned into the class frame
+    (``direction + sign * psi``): about ``1/sqrt(n)`` when the neighbours lie anywhere
+    around the aligned particle, up to 1 when every member was turned until its neighbour
+    sits at the same place (the class then shows the neighbour as a crescent at its mask
+    edge). Also the same with the angles shuffled among the particles (what chance gives).
+    """
+    has = np.isfinite(direction_deg)
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(np.asarray(psi_deg, float))
+
+    def resultant(angles: np.ndarray) -> float:
+        return float(np.abs(np.exp(1j * np.radians(angles)).mean()))
+
+    per_class, chance = {}, []
+    for c in np.unique(classes):
+        members = classes == c
+        near = members & has
+        if members.sum() < min_members or near.sum() < 2:
+            continue
+        per_class[int(c)] = round(resultant(direction_deg[near] + sign * psi_deg[near]), 3)
+        chance.append(resultant(direction_deg[near] + sign * shuffled[near]))
+    values = list(per_class.values())
+    return {
+        "share_with_neighbour": round(float(has.mean()), 3),
+        "median_R": round(float(np.median(values)), 3) if values else None,
+        "median_R_shuffled": round(float(np.median(chance)), 3) if chance else None,
+        "classes_R_above_0.3": int(sum(v > 0.3 for v in values)),
+        "classes": len(values),
+        "per_class_R": per_class,
+    }
+
+
 # -- pictures ----------------------------------------------------------------------------
 def show(ax, img, title: str | None = None, color: str = "black") -> None:
     """Grey-scale image, contrast from its 1st to 99.5th percentile, no ticks."""

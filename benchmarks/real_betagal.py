@@ -57,6 +57,8 @@ from _realdata import (
     equivalent_diameter_A,
     finite,
     map_projections,
+    nearest_neighbour_direction,
+    neighbour_alignment,
     normalised_mutual_information,
     read_result,
     round_blobs,
@@ -74,6 +76,8 @@ DIAMETER_A = 200.0  # the RELION tutorial's mask diameter for β-gal
 TUTORIAL_BAND_A = (100.0, 15.0)
 MAP_BAND_A = (100.0, 30.0)  # the map holds nothing finer than ~40 Å
 MAX_SHIFT_A = 25.0  # classes, tutorial averages and projections are all centred
+MICROGRAPH_APIX = 1.77  # pixel size of the micrographs (and of the picks' coordinates), Å
+TUTORIAL_STAR = SHARED_DATA / "star_files" / "relion1_betagal_tests" / "ap_s_c2d.star"
 
 
 def extract(out: Path, n: int | None, reuse: bool) -> Path:
@@ -170,6 +174,32 @@ def tutorial_references() -> dict:
     }
 
 
+def tutorial_neighbour_alignment() -> dict:
+    """:func:`neighbour_alignment` of the tutorial's own classification (its ψ, read from
+    ``ap_s_c2d.star`` in the raw micrographs' frame, matched to the JPEG-frame picks of
+    ``coords_relion_tutorial.star`` micrograph by micrograph, in order)."""
+    import starfile
+
+    picks = starfile.read(DATA / "coords_relion_tutorial.star", always_dict=True)
+    picks = next(iter(picks.values()))
+    raw = starfile.read(TUTORIAL_STAR, always_dict=True)
+    raw = next(iter(raw.values()))
+    stem = raw["rlnMicrographName"].map(lambda p: Path(p).stem)
+    psi = np.full(len(picks), np.nan)
+    for name, rows in picks.groupby("rlnMicrographName").indices.items():
+        theirs = raw[stem == Path(name).stem]
+        x_raw = theirs["rlnCoordinateX"].to_numpy(float)
+        x_jpeg = picks["rlnCoordinateX"].to_numpy(float)[rows]
+        # the JPEG frame is the raw micrograph's (binned 2) scaled by 2 and offset
+        if len(theirs) != len(rows) or np.ptp(x_jpeg - 2.0 * x_raw) > 6.0:
+            raise RuntimeError(f"{name}: picks do not match {TUTORIAL_STAR.name}")
+        psi[rows] = theirs["rlnAnglePsi"].to_numpy(float)
+    xy_A = picks[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(float) * MICROGRAPH_APIX
+    direction = nearest_neighbour_direction(picks["rlnMicrographName"], xy_A, DIAMETER_A)
+    # the JPEG frame flips y: the raw frame's ψ turns the other way
+    return neighbour_alignment(direction, picks["rlnClassNumber"].to_numpy(int), psi, sign=-1.0)
+
+
 def measure(job_dir: Path, particles_star: Path, n_directions: int) -> dict:
     """Every figure of the module docstring's step 3, per class and in summary."""
     import starfile
@@ -186,9 +216,15 @@ def measure(job_dir: Path, particles_star: Path, n_directions: int) -> dict:
     avg, apix = res["averages"], res["pixel_size_A"]
     K, box = avg.shape[0], avg.shape[-1]
     # the job writes absolute stack paths: match particles by index and stack file name
-    ours = res["particles"][["rlnImageName", "rlnClassNumber"]].copy()
+    ours = res["particles"][["rlnImageName", "rlnClassNumber", "rlnAnglePsi"]].copy()
     theirs = starfile.read(particles_star, always_dict=True)["particles"]
-    theirs = theirs[["rlnImageName", "rlnClassNumber"]].rename(
+    # direction to each pick's nearest neighbour (the picks are in micrograph pixels)
+    theirs["neighbour_deg"] = nearest_neighbour_direction(
+        theirs["rlnMicrographName"],
+        theirs[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(float) * MICROGRAPH_APIX,
+        DIAMETER_A,
+    )
+    theirs = theirs[["rlnImageName", "rlnClassNumber", "neighbour_deg"]].rename(
         columns={"rlnClassNumber": "tutorial"}
     )
     for table in (ours, theirs):
@@ -199,6 +235,12 @@ def measure(job_dir: Path, particles_star: Path, n_directions: int) -> dict:
     our_class = both["rlnClassNumber"].to_numpy(int)
     their_class = both["tutorial"].to_numpy(int)
     counts = np.bincount(our_class, minlength=K + 1)[1:]
+    neighbours = {
+        "ours": neighbour_alignment(
+            both["neighbour_deg"].to_numpy(float), our_class, both["rlnAnglePsi"].to_numpy(float)
+        ),
+        "tutorial": tutorial_neighbour_alignment(),
+    }
 
     tut = tutorial_references()
     proj = map_projections(MAP, apix, box, n_directions)
@@ -321,6 +363,9 @@ def measure(job_dir: Path, particles_star: Path, n_directions: int) -> dict:
         "largest_class_share": round(float(counts.max() / max(counts.sum(), 1)), 3),
         "top10_share_by_particles": [e["share_in_it"] for e in top],
         "top10_share_by_image": [e["share_in_class_by_image"] for e in top],
+        "neighbour_alignment_median_R": neighbours["ours"]["median_R"],
+        "neighbour_alignment_median_R_tutorial": neighbours["tutorial"]["median_R"],
+        "neighbour_alignment_median_R_shuffled": neighbours["ours"]["median_R_shuffled"],
     }
     tut_tex = texture_measures(tut["images"], apix, DIAMETER_A)
     reference = {
@@ -348,6 +393,7 @@ def measure(job_dir: Path, particles_star: Path, n_directions: int) -> dict:
         "summary": summary,
         "per_class": per_class,
         "tutorial_top10": top,
+        "neighbour_alignment": neighbours,
         "blob_baseline": baseline,
         "tutorial_averages_as_classes": reference,
         "references": {
