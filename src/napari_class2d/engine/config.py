@@ -135,11 +135,11 @@ class Class2DConfig:
     max_res_A: float | None = None
     max_align_res_A: float | None = None
     min_align_res_A: float | None = None
-    n_online_em_iterations: int = 20
+    n_online_em_iterations: int = 24
     batch_size_per_class: int = 100
     n_final_full_iterations: int = 1
     icuf: float = 2.0
-    annealing_start_iteration: int = 2
+    annealing_start_iteration: int = 6
     n_annealing_iterations: int = 15
     white_noise: bool = False
     ctf_correction: CTFMode = "full"

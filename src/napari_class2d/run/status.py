@@ -13,7 +13,7 @@ SEPARATOR = " · "
 def format_status(snap: IterationSnapshot) -> str:
     """One line for a snapshot: phase, iteration, particles seen / used / needed, classes.
 
-    For example ``online · it 7/21 · seen 3400 · used 1000 · classes 50/50 populated ·
+    For example ``online · it 7/25 · seen 3400 · used 1000 · classes 50/50 populated ·
     best 9.8 Å · anneal 1.67``; a waiting stream adds how many particles are still
     needed, when the next full iteration runs and why it waits.
     """
