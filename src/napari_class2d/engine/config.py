@@ -83,7 +83,8 @@ class Class2DConfig:
     mask_neighbours
         Also mask the neighbouring picks: each particle keeps the part of its box
         nearer its own pick than any other pick on the same micrograph, with a soft
-        edge as wide as the circular mask's, so that in a crowded field a neighbour
+        edge as wide as the circular mask's (the rest filled with the particles'
+        round average), so that in a crowded field a neighbour
         inside the particle mask does not drive alignment. Uses the pick coordinates
         (RELION ``rlnMicrographName`` and ``rlnCoordinateX/Y``; cryoSPARC
         ``location/*``); particles without them are not affected.
