@@ -23,6 +23,7 @@ import math
 import warnings
 
 import numpy as np
+import pandas as pd
 import torch
 
 from napari_class2d.io.particles import ParticleSet
@@ -56,21 +57,12 @@ def pick_positions_A(particles: ParticleSet) -> tuple[np.ndarray, np.ndarray] | 
         apix = np.asarray(particles.pixel_size_A, np.float64).copy()
         optics = particles.optics
         if optics is not None and "rlnOpticsGroup" in optics.columns:
+            groups = pd.Series(np.asarray(particles.optics_group, np.int64))
+            by_group = optics.set_index(optics["rlnOpticsGroup"].astype(np.int64))
             for column in ("rlnMicrographOriginalPixelSize", "rlnMicrographPixelSize"):
                 if column in optics.columns:  # the later column wins
-                    table = dict(
-                        zip(
-                            optics["rlnOpticsGroup"].astype(int),
-                            optics[column].astype(float),
-                            strict=True,
-                        )
-                    )
-                    apix = np.array(
-                        [
-                            table.get(int(g), a)
-                            for g, a in zip(particles.optics_group, apix, strict=True)
-                        ]
-                    )
+                    mapped = groups.map(by_group[column].astype(float)).to_numpy(np.float64)
+                    apix = np.where(np.isnan(mapped), apix, mapped)
         names = md["rlnMicrographName"].astype(str).to_numpy()
         group = np.unique(names, return_inverse=True)[1]
         return group.astype(np.int64), xy * apix[:, None]

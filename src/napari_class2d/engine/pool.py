@@ -186,7 +186,7 @@ class ParticlePool:
         ctf = self._ctf_array(particles)
         ctf_vals = self._new_block(len(held), "ctf", (self.grid.n,), block)
         neighbours = self._neighbour_offsets_px(particles)
-        fill = None if neighbours is None else self._fill_image(particles, held)
+        fill = None
         for start in range(0, len(held), self.chunk_size):  # CTF once per particle, cached
             sel = slice(start, min(start + self.chunk_size, len(held)))
             if particles.has_ctf:
@@ -204,7 +204,11 @@ class ParticlePool:
                 raise ParticleFileError(
                     particles.source_path, "image holds NaN or infinite values", row=bad
                 )
-            near = None if neighbours is None else torch.from_numpy(neighbours[idx])
+            near = None
+            if neighbours is not None:
+                near = torch.from_numpy(neighbours[idx])
+                if fill is None:  # from the block's first chunk, already read
+                    fill = self._fill_image(x)
             coeffs[sel] = self._preprocess(x, near, fill)
         if self.cache_dir is not None:
             coeffs.flush()
@@ -254,17 +258,16 @@ class ParticlePool:
         std = bg.std(1).clamp(min=1e-6)
         return (x - mean[:, None, None]) / std[:, None, None]
 
-    def _fill_image(self, particles: ParticleSet, held: np.ndarray) -> torch.Tensor:
+    def _fill_image(self, x: torch.Tensor) -> torch.Tensor:
         """What a particle's masked-out neighbour side becomes: the rotational average of
-        the mean normalised image of the block's first chunk (``(D, D)``).
+        the mean of the images ``x`` normalised (the block's first chunk; ``(D, D)``).
 
         Filling with zeros would leave every class darker on the side its members'
         neighbours were cut from, and the particles would then be turned to put their cut
         there (alignment on the cut instead of on the neighbour). The rotational average
         is what that side holds on average, whatever the particle's orientation.
         """
-        first = held[: self.chunk_size]
-        mean = self._normalised(torch.from_numpy(particles.read_images(first))).mean(0)
+        mean = self._normalised(x).mean(0)
         d = self.params.box
         c = torch.arange(d, device=self.device) - d // 2
         r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2).round().long().flatten()
