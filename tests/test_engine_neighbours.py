@@ -147,14 +147,14 @@ def test_neighbour_mask_keeps_the_particle_side_of_the_bisector():
     assert (m[1] == 1.0).all()  # no neighbours: no mask
 
 
-def _cached_images(star, **config):
+def _cached_images(star, centres=None, **config):
     particles = read_particles(star)
     params = Class2DConfig(particle_diameter_A=DIAMETER_A, ctf_correction="off", **config).resolve(
         BOX, APIX
     )
     pool = ParticlePool(params, working_grid(params))
     pool.add(particles)
-    x = pool.get(np.arange(particles.n_particles))[0]
+    x = pool.get(np.arange(particles.n_particles), centres=centres)[0]
     return pool.grid.inverse(x).numpy()
 
 
@@ -216,3 +216,37 @@ def test_class_average_of_a_crowded_field_shows_no_neighbour(tmp_path):
     # the neighbours put their edges into the class average unless they are masked
     assert plain > 4.0 * alone, (plain, alone)
     assert masked - alone < 0.3 * (plain - alone), (masked, plain, alone)
+
+
+def test_masks_follow_the_particle_centre_found_by_the_search(tmp_path):
+    """With ``masks_follow_shifts``, a pick 6 px off its particle: read at the centre the
+    search found, the circular mask and the neighbour bisector are placed around that
+    centre (as RELION masks a particle after moving it by its offset), not around the
+    pick; by default (masks at the pick) the centre changes nothing."""
+    star, images, side = crowded_set(tmp_path)
+    moved = np.roll(images, 6, axis=1)  # particle and neighbour 6 px below the pick
+    write_stack(tmp_path / "stack.mrcs", data=moved, voxel_size=APIX)
+    n = len(images)
+    centres = np.tile([0.0, 6.0], (n, 1))
+    follow = dict(masks_follow_shifts=True)
+    at_centre = _cached_images(star, centres, **follow)
+    at_pick = _cached_images(star, **follow)
+    plain = _cached_images(star, centres, mask_neighbours=False, mask_particles_with_zeros=False)
+    np.testing.assert_array_equal(_cached_images(star, centres), _cached_images(star))
+    c = np.arange(BOX) - BOX // 2
+    params = Class2DConfig(particle_diameter_A=DIAMETER_A).resolve(BOX, APIX)
+    outer = 0.5 * params.mask_outer_diameter_A / APIX
+    from_pick = np.hypot(c[None, :], c[:, None])
+    from_centre = np.hypot(c[None, :], c[:, None] - 6)
+    # zero outside the circle around the centre, not around the pick
+    beyond = (from_centre > outer + 1) & (from_pick < outer - 3)
+    there = np.abs(plain[:, beyond]).mean()
+    # (what is left outside is the ringing of the mask's edge in the kept band: 13 %)
+    assert np.abs(at_centre[:, beyond]).mean() < 0.25 * there
+    assert np.abs(at_pick[:, beyond]).mean() > 0.8 * there
+    # the particle (around the centre) untouched, its neighbour gone
+    own = from_centre < 6
+    toward = ((c[None, :] * side[:, None, None]) > 12) & (from_centre < outer - 1)
+    for a, b, t in zip(at_centre, plain, toward, strict=True):
+        assert np.corrcoef(a[own], b[own])[0, 1] > 0.99
+        assert a[t].std() < 0.2 * b[t].std()

@@ -230,6 +230,48 @@ def test_marginalising_over_poses_sums_over_poses(data, baseline):
     assert not np.allclose(marg.assignments.loglik, job.assignments.loglik)
 
 
+def test_masks_follow_shifts_with_a_prior_that_holds_shifts_near_the_picks(data, baseline):
+    """``masks_follow_shifts``: the particle masks sit at each particle's current centre
+    and a Gaussian prior on the shifts (RELION's ``sigma_offset``) holds them near their
+    picks; every search stage takes the prior into account."""
+    from napari_class2d.engine.fourier import rotated_coefficients
+    from napari_class2d.engine.search import SearchTables, search
+
+    job = baseline[0]
+    m = job.model
+    assert m._shift_penalty(2.0) == 0.0  # off by default: a uniform prior within the limit
+    x, ctf, _ = job.pool.get(np.arange(80))
+    table = rotated_coefficients(m.references, m.space.fine_angles_deg, m.align_grid)
+    tables = SearchTables.build(table, m.space, m.align_phases)
+    w = m._weight() * m.space.align_band
+    free = search(x, ctf, w, tables, m.space, m.grid, True, 1.0, m.align_phases)
+    held = search(x, ctf, w, tables, m.space, m.grid, True, 1.0, m.align_phases, shift_penalty=1e6)
+    assert (free.shift != 0).any()
+    assert (held.shift == 0).all()  # an overwhelming prior: every stage keeps the pick
+    # the prior's term: the same scores less penalty x |shift|² (at the poses both found)
+    mild = search(
+        x, ctf, w, tables, m.space, m.grid, True, 1.0, m.align_phases, shift_penalty=1e-3
+    )
+    same = (mild.classes[:, 0] == free.classes[:, 0]) & (mild.shift[:, 0] == free.shift[:, 0]).all(
+        1
+    )
+    same &= mild.rotation[:, 0] == free.rotation[:, 0]
+    expect = free.class_loglik.gather(1, free.classes[:, :1])[:, 0] - 1e-3 * (
+        free.shift[:, 0] ** 2
+    ).sum(1)
+    got = mild.class_loglik.gather(1, mild.classes[:, :1])[:, 0]
+    torch.testing.assert_close(got[same], expect[same], rtol=1e-5, atol=1e-3)
+
+    follow, _ = run(data[0], masks_follow_shifts=True)
+    assert purity(data[1], follow.assignments.best_class) >= 0.85
+    fm = follow.model
+    assert fm._shift_penalty(2.0) > 0.0
+    assert 1.0 <= fm.sigma2_offset_px <= fm._max_sigma2_offset_px
+    limit_px = fm.params.max_shift_A / fm.pixel_size_A
+    assert np.hypot(*follow.assignments.shift_px.T).max() <= limit_px + 1e-6
+    assert not np.allclose(follow.assignments.loglik, job.assignments.loglik)
+
+
 def test_inplane_step_sets_the_angular_grid(data):
     job, _ = run(data[0], inplane_step_deg=10.0)
     psi = job.assignments.psi_deg

@@ -88,6 +88,15 @@ class Class2DConfig:
         inside the particle mask does not drive alignment. Uses the pick coordinates
         (RELION ``rlnMicrographName`` and ``rlnCoordinateX/Y``; cryoSPARC
         ``location/*``); particles without them are not affected.
+    masks_follow_shifts
+        Place the particle masks (circular and neighbour) around each particle's current
+        centre, its pick moved by the shift the last iteration found, as RELION masks a
+        particle after moving it by its offset, instead of at the pick (off), with a
+        Gaussian prior on the shifts from the pick (RELION's ``sigma_offset``; variance
+        the mean squared shift per axis, between one working pixel and
+        ``(max_shift_A / 2)²``) that holds the particles near their picks: without it the
+        masks and shifts drift together (on the crowded EMPIAR-10017 β-galactosidase
+        picks the shifts ran to the search limit).
     resolution_increment_px
         The search uses frequencies up to the current resolution of the classes
         (where their spectral signal-to-noise ratio still reaches 1) plus this many
@@ -147,6 +156,7 @@ class Class2DConfig:
     clamp_solvent: bool = False
     mask_particles_with_zeros: bool = True
     mask_neighbours: bool = True
+    masks_follow_shifts: bool = False
     resolution_increment_px: int = 10
     particle_diameter_A: float | None = None
     mask_inner_diameter_A: float | None = None
@@ -380,6 +390,7 @@ class Class2DConfig:
             max_shift_A=max_shift,
             mask_particles_with_zeros=self.mask_particles_with_zeros,
             mask_neighbours=self.mask_neighbours,
+            masks_follow_shifts=self.masks_follow_shifts,
             max_res_A=max_res,
             notes=tuple(notes),
         )
@@ -402,6 +413,7 @@ class ResolvedParams:
     max_shift_A: float
     mask_particles_with_zeros: bool = True
     mask_neighbours: bool = True
+    masks_follow_shifts: bool = False
     #: the maximum resolution used (``max_res_A``, or its data-dependent default)
     max_res_A: float = DEFAULT_MAX_RES_A
     #: what :meth:`Class2DConfig.resolve` chose for the data, one line each

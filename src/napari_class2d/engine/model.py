@@ -319,6 +319,9 @@ class Class2DModel:
         self.statistics_particles = 0
         #: distributed: the processes' collectives; the job sets it (one process: no-ops)
         self.reducer: Reducer = LOCAL
+        #: variance (working px², per axis) of the Gaussian prior on the particles' shifts
+        #: from their picks (with ``masks_follow_shifts``; see :meth:`_update_shift_prior`)
+        self.sigma2_offset_px = self._max_sigma2_offset_px
 
     # -- state for checkpoints ---------------------------------------------------------
     #: state a checkpoint may lack (written by an earlier version): recomputed on loading
@@ -343,6 +346,7 @@ class Class2DModel:
             "n_updates": self.n_updates,
             "statistics_particles": self.statistics_particles,
             "current_radius": self.current_radius,
+            "sigma2_offset_px": self.sigma2_offset_px,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -355,6 +359,34 @@ class Class2DModel:
     @property
     def pixel_size_A(self) -> float:
         return self.params.working_pixel_size_A
+
+    @property
+    def _max_sigma2_offset_px(self) -> float:
+        """The shift prior's widest variance: the search limit at two standard deviations."""
+        return (self.params.max_shift_A / self.pixel_size_A / 2.0) ** 2
+
+    def _shift_penalty(self, pose_temperature: float) -> float:
+        """The shift prior's term per px² in score units (0: uniform within the limit).
+
+        With ``masks_follow_shifts`` a Gaussian prior (variance :attr:`sigma2_offset_px`)
+        holds the particles near their picks, as RELION's ``sigma_offset``: a mask that
+        follows the shift no longer does, and without a prior masks and shifts drift
+        together (on crowded real particles to the search limit). Scores are divided by
+        the pose temperature in the posteriors, so the prior's log enters times it.
+        """
+        if not self.params.masks_follow_shifts:
+            return 0.0
+        return pose_temperature / (2.0 * self.sigma2_offset_px)
+
+    def _update_shift_prior(self, shifts_px: np.ndarray, step_size: float) -> None:
+        """Blend the batch's best-pose shifts ``(N, 2)`` px into the prior's variance (the
+        mean squared shift per axis, as RELION estimates ``sigma2_offset``), between one
+        working pixel and :attr:`_max_sigma2_offset_px`."""
+        if not self.params.masks_follow_shifts or not len(shifts_px):
+            return
+        batch = float(np.mean(np.square(shifts_px)))  # per axis: the mean of x² and y²
+        s2 = (1 - step_size) * self.sigma2_offset_px + step_size * batch
+        self.sigma2_offset_px = float(min(max(s2, 1.0), self._max_sigma2_offset_px))
 
     def _weight(self) -> torch.Tensor:
         """``1/σ²`` per kept coefficient."""
@@ -515,6 +547,7 @@ class Class2DModel:
         w_align = weight * space.align_band
         band = space.align_index  # (positions, not a mask: no GPU sync per chunk)
         log_prior = torch.log(self.prior.clamp(min=1e-12))
+        shift_penalty = self._shift_penalty(pose_temperature)
         chunk = self._chunk(pool, space)
         n = len(indices)
         mine = self.reducer.mine(indices)  # distributed: this process's share of the batch
@@ -544,7 +577,8 @@ class Class2DModel:
             t_table += time.perf_counter() - tt
             for s in range(0, len(members), chunk):
                 idx = members[s : s + chunk]
-                x, ctf_vals, params = pool.get(idx, self.device)
+                # masked around each particle's centre as the last iteration found it
+                x, ctf_vals, params = pool.get(idx, self.device, assignments.shift_px[idx])
                 ctf = self._model_ctf(ctf_vals)
                 ts = time.perf_counter()
                 res = search(
@@ -557,6 +591,7 @@ class Class2DModel:
                     cfg.force_max_over_poses,
                     pose_temperature,
                     align_phases,
+                    shift_penalty=shift_penalty,
                 )
                 out = self._posteriors(res, log_prior, class_temperature, pose_temperature)
                 t_search += time.perf_counter() - ts
@@ -623,6 +658,7 @@ class Class2DModel:
         if cfg.white_noise:
             batch_noise = torch.full_like(batch_noise, float((batch_noise[self.grid.ring]).mean()))
         self.noise = ((1 - eta) * self.noise + eta * batch_noise).clamp(min=1e-12)
+        self._update_shift_prior(assignments.shift_px[indices], eta)
         soft = counts_soft / n
         self.prior = ((1 - eta) * self.prior + eta * soft).clamp(min=1e-8)
         self.prior = self.prior / self.prior.sum()
@@ -753,8 +789,9 @@ class Class2DModel:
         step = 1024
         for s in range(0, len(held_rows), step):
             rows = held_rows[s : s + step]
-            x, ctf_vals, params = pool.get(indices[rows], self.device)
             at = torch.from_numpy(rows)  # (the contributions may be on the host)
+            # masked around the first contribution's shift (the particle's current centre)
+            x, ctf_vals, params = pool.get(indices[rows], self.device, shifts[at, 0])
             self._add_contributions(
                 num,
                 den,
@@ -898,9 +935,9 @@ class Class2DModel:
             if not len(part):
                 continue
             idx = members[part]
-            x, ctf_vals, _ = pool.get(idx, self.device)
-            y, _ = self._data_terms(x, ctf_vals, torch.ones_like(weight, dtype=torch.bool))
             sh = torch.from_numpy(assignments.shift_px[idx]).float().to(self.device)
+            x, ctf_vals, _ = pool.get(idx, self.device, sh)
+            y, _ = self._data_terms(x, ctf_vals, torch.ones_like(weight, dtype=torch.bool))
             ang = torch.from_numpy(assignments.psi_deg[idx]).float().to(self.device)
             aligned = back_rotate(y * self.phases(sh), ang, self.grid)[:, keep]
             row = torch.view_as_real(aligned / weight[keep].sqrt()).flatten(1)

@@ -13,8 +13,12 @@ keeps the part of its box nearer its own pick than any other pick on the same mi
 Picks closer than :data:`SAME_PARTICLE_FRACTION` of the particle diameter are taken for
 the same particle picked twice and not masked.
 
-Only picks of the same particle set are neighbours (a stream's later file with the same
-micrograph is not looked at); the box centre is taken as the particle's own pick.
+The masks are made at the pick when the particles are cached, or, with
+``masks_follow_shifts``, when particles are read for an iteration, around each particle's
+current centre (its pick moved by its current shift; :meth:`ParticlePool.get
+<napari_class2d.engine.pool.ParticlePool.get>`), so that a particle the search moves keeps
+its own density and its bisectors move with it. Only picks of the same particle set are
+neighbours (a stream's later file with the same micrograph is not looked at).
 """
 
 from __future__ import annotations
@@ -133,7 +137,9 @@ def neighbour_offsets_A(
     return out
 
 
-def neighbour_masks(offsets_px: torch.Tensor, box: int, edge_px: float) -> torch.Tensor:
+def neighbour_masks(
+    offsets_px: torch.Tensor, box: int, edge_px: float, centres_px: torch.Tensor | None = None
+) -> torch.Tensor:
     """Masks that keep each particle's side of the bisectors with its neighbours.
 
     Parameters
@@ -144,6 +150,9 @@ def neighbour_masks(offsets_px: torch.Tensor, box: int, edge_px: float) -> torch
         Image edge length in pixels; the particle's pick is at pixel ``box // 2``.
     edge_px
         Width of the raised-cosine edge across each bisector, pixels.
+    centres_px
+        ``(B, 2)`` where each particle's centre is (x, y), pixels from the pick; the
+        bisectors are those between that centre and the neighbours (default: the pick).
 
     Returns
     -------
@@ -153,6 +162,11 @@ def neighbour_masks(offsets_px: torch.Tensor, box: int, edge_px: float) -> torch
     c = torch.arange(box, dtype=torch.float32, device=offsets_px.device) - box // 2
     py, px = torch.meshgrid(c, c, indexing="ij")
     masks = torch.ones((offsets_px.shape[0], box, box), device=offsets_px.device)
+    if centres_px is not None:  # pixel positions and neighbours relative to the centre
+        cx = centres_px[:, 0, None, None].to(px)
+        cy = centres_px[:, 1, None, None].to(px)
+        px, py = px - cx, py - cy
+        offsets_px = offsets_px - centres_px[:, None, :].to(offsets_px)
     half = 0.5 * max(edge_px, 1.0)
     for j in range(offsets_px.shape[1]):  # a few neighbour slots, each batched over particles
         d = offsets_px[:, j]

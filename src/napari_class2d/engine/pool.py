@@ -1,11 +1,19 @@
 """The particle pool: preprocessed particles cached at the working box.
 
-Each particle is read once: background-normalised, softly windowed, Fourier
-cropped to the working box and stored as float16 kept coefficients (real and
+Each particle is read once: background-normalised, softly windowed at the box edge,
+Fourier cropped to the working box and stored as float16 kept coefficients (real and
 imaginary planes) with its CTF parameters. Iterations never touch the original
-stacks again. The pool grows (streaming) by appending blocks; with a cache
-folder each block is a memory-mapped ``.npy`` file, so a data set larger than
-RAM runs from disk.
+stacks again.
+
+The particle masks (the circular mask with ``mask_particles_with_zeros``, the
+neighbour mask with ``mask_neighbours``) are applied at the pick before the transform
+and cached with the particle (default). With ``masks_follow_shifts`` they are not
+cached: they are applied when a chunk is read (:meth:`ParticlePool.get`), around each
+particle's current centre, as RELION masks each particle after moving it by its current
+offset (a mask cached at the pick moves with the particle when the search shifts it).
+
+The pool grows (streaming) by appending blocks; with a cache folder each block is a
+memory-mapped ``.npy`` file, so a data set larger than RAM runs from disk.
 
 In a distributed job (:mod:`napari_class2d.engine.distributed`) a process holds only
 the particles of its :class:`~napari_class2d.engine.distributed.Shard`: it reads,
@@ -16,6 +24,7 @@ process's.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +35,7 @@ from napari_class2d.engine.ctf import CTF_COLUMNS, ctf_values
 from napari_class2d.engine.distributed import Shard
 from napari_class2d.engine.fourier import FourierGrid, soft_circle
 from napari_class2d.engine.neighbours import (
+    MAX_NEIGHBOURS,
     SAME_PARTICLE_FRACTION,
     neighbour_masks,
     neighbour_offsets_A,
@@ -33,6 +43,10 @@ from napari_class2d.engine.neighbours import (
 )
 from napari_class2d.io.errors import ParticleFileError
 from napari_class2d.io.particles import ParticleSet
+
+#: cache file names of the particles' coefficients: masked at the pick, or not masked
+#: (``masks_follow_shifts``); a job resumed in the other mode preprocesses them again
+CACHE_KIND = {False: "block", True: "particles"}
 
 #: a particle without CTF (stack-only input, or CTF correction off) gets these
 NO_CTF = np.array([0, 0, 0, 300, 0, 1.0, 0, 0], dtype=np.float32)
@@ -85,6 +99,10 @@ class ParticlePool:
         self._ctf: list[np.ndarray] = []  # (n, 8) float32 per block
         self._ctf_values: list[np.ndarray] = []  # (n, F) float16 per block (CTF at kept freqs)
         self._rows: list[np.ndarray] = []  # per block: row of each particle in it, -1: not held
+        # per block: (n, M, 2) float32 neighbour offsets in working px (None: not masked)
+        self._neighbours: list[np.ndarray | None] = []
+        self._fills: list[torch.Tensor] = []  # per block: the fill's radial profile
+        self._fill_stack: torch.Tensor | None = None  # (blocks, R), made when first read
         self._starts = [0]
         self.half = np.zeros(0, dtype=np.int64)
         self.has_ctf = np.zeros(0, dtype=bool)
@@ -95,6 +113,7 @@ class ParticlePool:
         background = torch.from_numpy((r > min(radius_px, 0.95 * d0 / 2)).ravel())
         self._background_at = torch.nonzero(background).flatten().to(self.device)
         self._window = particle_window(params).to(self.device)
+        self._edge = soft_circle(d0, 0.85 * d0 / 2, 0.99 * d0 / 2, self.device)
         self._full_grid = FourierGrid.create(d0, self.device)
         self._ctf_grid = FourierGrid.create(grid.box, self.device)
         # kept coefficients of the working box, located in the original box's list
@@ -160,6 +179,7 @@ class ParticlePool:
         n = particles.n_particles
         held = self.shard.mine(np.arange(self.n, self.n + n)) - self.n
         coeffs, ctf_vals = self._preprocess_block(particles, held, len(self._coeffs))
+        self._add_masks(particles, held, coeffs)
         self.sets.append(particles)
         self._coeffs.append(coeffs)
         self._ctf.append(self._ctf_array(particles))
@@ -182,10 +202,11 @@ class ParticlePool:
         """Cache block ``block``: the particles ``held`` (rows of ``particles``),
         preprocessed chunk by chunk (never all images in memory)."""
         p = self.params
-        coeffs = self._new_block(len(held), "block", (2, self.grid.n), block)
+        coeffs = self._new_block(len(held), self._cache_kind, (2, self.grid.n), block)
         ctf = self._ctf_array(particles)
         ctf_vals = self._new_block(len(held), "ctf", (self.grid.n,), block)
-        neighbours = self._neighbour_offsets_px(particles)
+        follow = p.masks_follow_shifts
+        neighbours = None if follow else self._neighbour_offsets_px(particles, p.pixel_size_A)
         fill = None
         for start in range(0, len(held), self.chunk_size):  # CTF once per particle, cached
             sel = slice(start, min(start + self.chunk_size, len(held)))
@@ -204,12 +225,15 @@ class ParticlePool:
                 raise ParticleFileError(
                     particles.source_path, "image holds NaN or infinite values", row=bad
                 )
+            if follow:  # masked when read (get), around the particle's current centre
+                coeffs[sel] = self._preprocess(x)
+                continue
             near = None
             if neighbours is not None:
                 near = torch.from_numpy(neighbours[idx])
                 if fill is None:  # from the block's first chunk, already read
                     fill = self._fill_image(x)
-            coeffs[sel] = self._preprocess(x, near, fill)
+            coeffs[sel] = self._preprocess_at_pick(x, near, fill)
         if self.cache_dir is not None:
             coeffs.flush()
             ctf_vals.flush()
@@ -223,9 +247,12 @@ class ParticlePool:
         path = self.cache_dir / f"{kind}_{block:05d}.npy"
         return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
 
-    def _neighbour_offsets_px(self, particles: ParticleSet) -> np.ndarray | None:
-        """``(N, M, 2)`` offsets (pixels) of the neighbouring picks within reach of each
-        particle's window, or ``None`` (neighbours not masked, or no pick coordinates)."""
+    def _neighbour_offsets_px(
+        self, particles: ParticleSet, pixel_size_A: float
+    ) -> np.ndarray | None:
+        """``(N, M, 2)`` offsets (pixels of ``pixel_size_A``) of the neighbouring picks within
+        reach of each particle's window, or ``None`` (neighbours not masked, or no pick
+        coordinates)."""
         p = self.params
         if not p.mask_neighbours:
             return None
@@ -239,16 +266,39 @@ class ParticlePool:
         )
         offsets = neighbour_offsets_A(
             *picks,
-            reach_A=2.0 * radius + self._neighbour_edge_px * p.pixel_size_A,
+            # a mask that follows the particle's shift: neighbours a shift farther away too
+            reach_A=2.0 * (radius + (p.max_shift_A if p.masks_follow_shifts else 0.0))
+            + self._neighbour_edge_px * p.pixel_size_A,
             same_A=SAME_PARTICLE_FRACTION * p.particle_diameter_A,
         )
-        return offsets / np.float32(p.pixel_size_A)
+        return offsets / np.float32(pixel_size_A)
 
     @property
     def _neighbour_edge_px(self) -> float:
-        """Width of a neighbour mask's edge: that of the circular mask (at least 2 px)."""
+        """Width of a neighbour mask's edge in pixels of the original box: that of the
+        circular mask (at least 2 px)."""
         p = self.params
         return max(0.5 * (p.mask_outer_diameter_A - p.mask_inner_diameter_A) / p.pixel_size_A, 2.0)
+
+    @property
+    def _cache_kind(self) -> str:
+        return CACHE_KIND[self.params.masks_follow_shifts]
+
+    def _add_masks(self, particles: ParticleSet, held: np.ndarray, coeffs: np.ndarray) -> None:
+        """Record a new block's neighbour offsets and the radial profile of its fill (masks
+        applied when particles are read: ``masks_follow_shifts``)."""
+        if not self.params.masks_follow_shifts:
+            self._neighbours.append(None)
+            self._fills.append(torch.zeros(1, device=self.device))
+            return
+        near = self._neighbour_offsets_px(particles, self.params.working_pixel_size_A)
+        if near is not None:
+            near = near[held]
+            # trailing slots empty for every particle (nearest first) are not kept
+            near = near[:, : int((~np.isnan(near[..., 0])).sum(1).max(initial=0))]
+        self._neighbours.append(near if near is not None and near.shape[1] else None)
+        self._fills.append(self._fill_profile(coeffs[: self.chunk_size]))
+        self._fill_stack = None
 
     def _normalised(self, x: torch.Tensor) -> torch.Tensor:
         """Images minus their background's mean, over its standard deviation."""
@@ -258,15 +308,30 @@ class ParticlePool:
         std = bg.std(1).clamp(min=1e-6)
         return (x - mean[:, None, None]) / std[:, None, None]
 
-    def _fill_image(self, x: torch.Tensor) -> torch.Tensor:
+    def _fill_profile(self, coeffs: np.ndarray) -> torch.Tensor:
         """What a particle's masked-out neighbour side becomes: the rotational average of
-        the mean of the images ``x`` normalised (the block's first chunk; ``(D, D)``).
+        the mean of the cached particles ``coeffs`` (the block's first chunk), as a profile
+        over whole working pixels of radius, ``(R,)``.
 
         Filling with zeros would leave every class darker on the side its members'
         neighbours were cut from, and the particles would then be turned to put their cut
         there (alignment on the cut instead of on the neighbour). The rotational average
         is what that side holds on average, whatever the particle's orientation.
         """
+        d = self.grid.box
+        if len(coeffs) == 0:
+            return torch.zeros(d, device=self.device)
+        t = torch.from_numpy(np.asarray(coeffs)).to(self.device).float()
+        mean = self.grid.inverse(torch.complex(t[:, 0], t[:, 1])).mean(0)
+        c = torch.arange(d, device=self.device) - d // 2
+        r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2).round().long().flatten()
+        profile = torch.bincount(r, weights=mean.flatten().double()) / torch.bincount(r)
+        return profile.float()
+
+    def _fill_image(self, x: torch.Tensor) -> torch.Tensor:
+        """The fill of a particle masked at its pick: the rotational average of the mean of
+        the images ``x`` normalised (the block's first chunk; ``(D, D)``); see
+        :meth:`_fill_profile`."""
         mean = self._normalised(x).mean(0)
         d = self.params.box
         c = torch.arange(d, device=self.device) - d // 2
@@ -274,21 +339,70 @@ class ParticlePool:
         profile = torch.bincount(r, weights=mean.flatten().double()) / torch.bincount(r)
         return profile[r].reshape(d, d).float()
 
-    def _preprocess(
+    def _preprocess(self, x: torch.Tensor) -> np.ndarray:
+        """Normalised, windowed at the box edge, Fourier cropped (masked when read)."""
+        x = self._normalised(x) * self._edge
+        return self._cropped(x)
+
+    def _preprocess_at_pick(
         self,
         x: torch.Tensor,
         neighbours: torch.Tensor | None = None,
         fill: torch.Tensor | None = None,
     ) -> np.ndarray:
+        """Normalised, neighbours masked, windowed by :func:`particle_window` at the pick,
+        Fourier cropped."""
         x = self._normalised(x)
         if neighbours is not None:
             keep = neighbour_masks(
                 neighbours.to(self.device), self.params.box, self._neighbour_edge_px
             )
             x = keep * x + (1.0 - keep) * fill
-        x = x * self._window
+        return self._cropped(x * self._window)
+
+    def _cropped(self, x: torch.Tensor) -> np.ndarray:
         c = self._full_grid.forward(x)[:, self._crop_index] * self._scale
         return torch.stack((c.real, c.imag), 1).to(torch.float16).cpu().numpy()
+
+    @property
+    def masks_on_read(self) -> bool:
+        """Whether :meth:`get` masks the particles (``masks_follow_shifts``, with a circular
+        mask or neighbours)."""
+        return self.params.masks_follow_shifts and (
+            self.params.mask_particles_with_zeros or any(m is not None for m in self._neighbours)
+        )
+
+    def _masked(
+        self,
+        x: torch.Tensor,
+        centres: torch.Tensor,
+        neighbours: torch.Tensor | None,
+        fills: torch.Tensor,
+    ) -> torch.Tensor:
+        """Particles ``x`` ``(B, F)`` masked around their centres ``(B, 2)`` (x, y working
+        px): neighbours ``(B, M, 2)`` (working px from the pick, NaN: none) cut away and
+        replaced by the fill (radial profiles ``(B, R)``), then the circular mask with
+        ``mask_particles_with_zeros``. One inverse and one forward transform per particle
+        at the working box."""
+        p, d = self.params, self.grid.box
+        img = self.grid.inverse(x)
+        c = torch.arange(d, device=x.device, dtype=torch.float32) - d // 2
+        dx = c[None, None, :] - centres[:, 0, None, None]
+        dy = c[None, :, None] - centres[:, 1, None, None]
+        r = torch.sqrt(dx**2 + dy**2)
+        if neighbours is not None:
+            edge = self._neighbour_edge_px * d / p.box
+            keep = neighbour_masks(neighbours, d, edge, centres)
+            at = r.round().long().clamp(max=fills.shape[1] - 1).flatten(1)
+            fill = fills.gather(1, at).reshape(img.shape)
+            img = keep * img + (1.0 - keep) * fill
+        if p.mask_particles_with_zeros:
+            scale = 1.0 / p.working_pixel_size_A
+            inner = 0.5 * p.mask_inner_diameter_A * scale
+            outer = 0.5 * p.mask_outer_diameter_A * scale
+            t = ((r - inner) / max(outer - inner, 1e-6)).clamp(0.0, 1.0)
+            img = img * (0.5 + 0.5 * torch.cos(math.pi * t))
+        return self.grid.forward(img)
 
     @staticmethod
     def _ctf_array(particles: ParticleSet) -> np.ndarray:
@@ -316,6 +430,7 @@ class ParticlePool:
             self._ctf_values.append(cached[1])
             self._ctf.append(self._ctf_array(particles))
             self._rows.append(_row_index(n, held))
+            self._add_masks(particles, held, cached[0])
             self.sets.append(particles)
             self._starts.append(self.n + n)
             self.has_ctf = np.concatenate([self.has_ctf, np.full(n, particles.has_ctf)])
@@ -328,7 +443,8 @@ class ParticlePool:
             return np.empty((0, 2, self.grid.n), np.float16), np.empty(
                 (0, self.grid.n), np.float16
             )
-        paths = [self.cache_dir / f"{kind}_{block:05d}.npy" for kind in ("block", "ctf")]
+        kinds = (self._cache_kind, "ctf")
+        paths = [self.cache_dir / f"{kind}_{block:05d}.npy" for kind in kinds]
         if not all(p.is_file() for p in paths):
             return None
         try:
@@ -341,15 +457,27 @@ class ParticlePool:
 
     # -- reading --------------------------------------------------------------------
     def get(
-        self, indices: np.ndarray, device: torch.device | str = "cpu"
+        self,
+        indices: np.ndarray,
+        device: torch.device | str = "cpu",
+        centres: torch.Tensor | np.ndarray | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Particles at ``indices``: coefficients (complex64 ``(B, F)``), CTF values at the
-        kept frequencies (``(B, F)``) and CTF parameters (``(B, 8)``)."""
+        kept frequencies (``(B, F)``) and CTF parameters (``(B, 8)``).
+
+        ``centres``: ``(B, 2)`` each particle's current centre (x, y) in working pixels
+        from its pick (its shift; default: the pick). With ``masks_follow_shifts`` the
+        particle masks are placed there (see the module's description); the coefficients
+        stay in the pick's frame.
+        """
         indices = np.asarray(indices, dtype=np.int64)
         coeffs = np.empty((len(indices), 2, self.grid.n), dtype=np.float16)
         ctf_vals = np.empty((len(indices), self.grid.n), dtype=np.float16)
         params = np.empty((len(indices), len(CTF_COLUMNS)), dtype=np.float32)
         which = np.searchsorted(self._starts, indices, side="right") - 1
+        near = None
+        if any(self._neighbours[b] is not None for b in np.unique(which)):
+            near = np.full((len(indices), MAX_NEIGHBOURS, 2), np.nan, dtype=np.float32)
         for b in np.unique(which):  # loop over cache blocks, not particles
             sel = np.nonzero(which == b)[0]
             local = indices[sel] - self._starts[b]
@@ -362,11 +490,25 @@ class ParticlePool:
             coeffs[sel] = self._coeffs[b][rows]
             ctf_vals[sel] = self._ctf_values[b][rows]
             params[sel] = self._ctf[b][local]
+            if near is not None and self._neighbours[b] is not None:
+                near[sel, : self._neighbours[b].shape[1]] = self._neighbours[b][rows]
         # float16 over the bus and converted on the device (half the bytes of float32;
         # on a CPU the same conversion as before)
         t = torch.from_numpy(coeffs).to(device).float()
+        x = torch.complex(t[:, 0], t[:, 1])
+        if self.masks_on_read:
+            if centres is None:
+                centres = torch.zeros((len(indices), 2))
+            centres = torch.as_tensor(centres, dtype=torch.float32).to(device)
+            if self._fill_stack is None:
+                self._fill_stack = torch.stack(self._fills)
+            fills = self._fill_stack.to(device)[torch.from_numpy(which).to(device)]
+            if near is not None:  # slots are nearest first: drop those empty in the chunk
+                used = int((~np.isnan(near[..., 0])).sum(1).max())
+                near = torch.from_numpy(near[:, :used]).to(device) if used else None
+            x = self._masked(x, centres, near, fills)
         return (
-            torch.complex(t[:, 0], t[:, 1]),
+            x,
             torch.from_numpy(ctf_vals).to(device).float(),
             torch.from_numpy(params).to(device),
         )
@@ -390,6 +532,9 @@ def particle_window(params: ResolvedParams) -> torch.Tensor:
     free of edge artefacts; with ``mask_particles_with_zeros`` the particle is also
     multiplied by the soft circular mask of the class averages (inner to outer mask
     diameter), so only what lies inside the particle's circle is aligned and averaged.
+    The cache holds particles with the edge only; the circle is applied when they are
+    read, around each particle's current centre (:meth:`ParticlePool.get`). This window,
+    at the pick, gives :attr:`ParticlePool.independent_fraction`.
     """
     d0 = params.box
     window = soft_circle(d0, 0.85 * d0 / 2, 0.99 * d0 / 2)
