@@ -360,6 +360,12 @@ def soft_circle(
     """``(D, D)`` mask: 1 inside ``inner``, raised-cosine edge to 0 at ``outer`` (pixels)."""
     c = torch.arange(box, device=device, dtype=torch.float32) - box // 2
     r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
+    return soft_edge(r, inner_radius_px, outer_radius_px)
+
+
+def soft_edge(r: torch.Tensor, inner_radius_px: float, outer_radius_px: float) -> torch.Tensor:
+    """The soft circular mask at distances ``r`` (pixels, any shape) from its centre: 1
+    inside ``inner``, raised-cosine edge to 0 at ``outer``."""
     if outer_radius_px <= inner_radius_px:
         return (r <= inner_radius_px).float()
     t = ((r - inner_radius_px) / (outer_radius_px - inner_radius_px)).clamp(0, 1)

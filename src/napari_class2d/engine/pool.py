@@ -24,7 +24,6 @@ process's.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ import torch
 from napari_class2d.engine.config import ResolvedParams
 from napari_class2d.engine.ctf import CTF_COLUMNS, ctf_values
 from napari_class2d.engine.distributed import Shard
-from napari_class2d.engine.fourier import FourierGrid, soft_circle
+from napari_class2d.engine.fourier import FourierGrid, soft_circle, soft_edge
 from napari_class2d.engine.neighbours import (
     MAX_NEIGHBOURS,
     SAME_PARTICLE_FRACTION,
@@ -113,7 +112,7 @@ class ParticlePool:
         background = torch.from_numpy((r > min(radius_px, 0.95 * d0 / 2)).ravel())
         self._background_at = torch.nonzero(background).flatten().to(self.device)
         self._window = particle_window(params).to(self.device)
-        self._edge = soft_circle(d0, 0.85 * d0 / 2, 0.99 * d0 / 2, self.device)
+        self._edge = box_edge_window(d0).to(self.device)
         self._full_grid = FourierGrid.create(d0, self.device)
         self._ctf_grid = FourierGrid.create(grid.box, self.device)
         # kept coefficients of the working box, located in the original box's list
@@ -292,10 +291,8 @@ class ParticlePool:
             self._fills.append(torch.zeros(1, device=self.device))
             return
         near = self._neighbour_offsets_px(particles, self.params.working_pixel_size_A)
-        if near is not None:
-            near = near[held]
-            # trailing slots empty for every particle (nearest first) are not kept
-            near = near[:, : int((~np.isnan(near[..., 0])).sum(1).max(initial=0))]
+        if near is not None:  # the slots empty for every particle are not kept
+            near = near[held][:, : _used_slots(near[held])]
         self._neighbours.append(near if near is not None and near.shape[1] else None)
         self._fills.append(self._fill_profile(coeffs[: self.chunk_size]))
         self._fill_stack = None
@@ -318,26 +315,18 @@ class ParticlePool:
         there (alignment on the cut instead of on the neighbour). The rotational average
         is what that side holds on average, whatever the particle's orientation.
         """
-        d = self.grid.box
         if len(coeffs) == 0:
-            return torch.zeros(d, device=self.device)
+            return torch.zeros(self.grid.box, device=self.device)
         t = torch.from_numpy(np.asarray(coeffs)).to(self.device).float()
-        mean = self.grid.inverse(torch.complex(t[:, 0], t[:, 1])).mean(0)
-        c = torch.arange(d, device=self.device) - d // 2
-        r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2).round().long().flatten()
-        profile = torch.bincount(r, weights=mean.flatten().double()) / torch.bincount(r)
-        return profile.float()
+        return _radial_profile(self.grid.inverse(torch.complex(t[:, 0], t[:, 1])).mean(0))[0]
 
     def _fill_image(self, x: torch.Tensor) -> torch.Tensor:
         """The fill of a particle masked at its pick: the rotational average of the mean of
         the images ``x`` normalised (the block's first chunk; ``(D, D)``); see
         :meth:`_fill_profile`."""
         mean = self._normalised(x).mean(0)
-        d = self.params.box
-        c = torch.arange(d, device=self.device) - d // 2
-        r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2).round().long().flatten()
-        profile = torch.bincount(r, weights=mean.flatten().double()) / torch.bincount(r)
-        return profile[r].reshape(d, d).float()
+        profile, r = _radial_profile(mean)
+        return profile[r].reshape(mean.shape)
 
     def _preprocess(self, x: torch.Tensor) -> np.ndarray:
         """Normalised, windowed at the box edge, Fourier cropped (masked when read)."""
@@ -398,10 +387,9 @@ class ParticlePool:
             img = keep * img + (1.0 - keep) * fill
         if p.mask_particles_with_zeros:
             scale = 1.0 / p.working_pixel_size_A
-            inner = 0.5 * p.mask_inner_diameter_A * scale
-            outer = 0.5 * p.mask_outer_diameter_A * scale
-            t = ((r - inner) / max(outer - inner, 1e-6)).clamp(0.0, 1.0)
-            img = img * (0.5 + 0.5 * torch.cos(math.pi * t))
+            img = img * soft_edge(
+                r, 0.5 * p.mask_inner_diameter_A * scale, 0.5 * p.mask_outer_diameter_A * scale
+            )
         return self.grid.forward(img)
 
     @staticmethod
@@ -503,8 +491,8 @@ class ParticlePool:
             if self._fill_stack is None:
                 self._fill_stack = torch.stack(self._fills)
             fills = self._fill_stack.to(device)[torch.from_numpy(which).to(device)]
-            if near is not None:  # slots are nearest first: drop those empty in the chunk
-                used = int((~np.isnan(near[..., 0])).sum(1).max())
+            if near is not None:  # the slots empty for every particle of the chunk go
+                used = _used_slots(near)
                 near = torch.from_numpy(near[:, :used]).to(device) if used else None
             x = self._masked(x, centres, near, fills)
         return (
@@ -516,6 +504,26 @@ class ParticlePool:
     def chunk_size_for(self, bytes_per_particle: float, budget_GB: float) -> int:
         """Particles per chunk so that ``bytes_per_particle`` each fit the budget (GiB)."""
         return max(1, min(4096, int(budget_GB * 2**30 / max(bytes_per_particle, 1.0))))
+
+
+def box_edge_window(box: int) -> torch.Tensor:
+    """``(D, D)`` soft edge at the box border (0.85-0.99 of the box radius)."""
+    return soft_circle(box, 0.85 * box / 2, 0.99 * box / 2)
+
+
+def _radial_profile(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotational average of a centred ``(D, D)`` image over whole pixels of radius,
+    ``(R,)`` float32, and each pixel's radius bin, ``(D·D,)``."""
+    d = image.shape[-1]
+    c = torch.arange(d, device=image.device) - d // 2
+    r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2).round().long().flatten()
+    profile = torch.bincount(r, weights=image.flatten().double()) / torch.bincount(r)
+    return profile.float(), r
+
+
+def _used_slots(near: np.ndarray) -> int:
+    """Neighbour slots ``(N, M, 2)`` (nearest first, NaN: none) used by any particle."""
+    return int((~np.isnan(near[..., 0])).sum(1).max(initial=0))
 
 
 def _row_index(n: int, held: np.ndarray) -> np.ndarray:
@@ -532,12 +540,13 @@ def particle_window(params: ResolvedParams) -> torch.Tensor:
     free of edge artefacts; with ``mask_particles_with_zeros`` the particle is also
     multiplied by the soft circular mask of the class averages (inner to outer mask
     diameter), so only what lies inside the particle's circle is aligned and averaged.
-    The cache holds particles with the edge only; the circle is applied when they are
-    read, around each particle's current centre (:meth:`ParticlePool.get`). This window,
-    at the pick, gives :attr:`ParticlePool.independent_fraction`.
+    With ``masks_follow_shifts`` the cache holds particles with the edge only and the
+    circle is applied when they are read, around each particle's current centre
+    (:meth:`ParticlePool.get`). This window, at the pick, gives
+    :attr:`ParticlePool.independent_fraction`.
     """
     d0 = params.box
-    window = soft_circle(d0, 0.85 * d0 / 2, 0.99 * d0 / 2)
+    window = box_edge_window(d0)
     if params.mask_particles_with_zeros:
         inner = 0.5 * params.mask_inner_diameter_A / params.pixel_size_A
         outer = 0.5 * params.mask_outer_diameter_A / params.pixel_size_A

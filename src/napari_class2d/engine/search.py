@@ -441,14 +441,15 @@ def search(
     wc2 = (ctf * ctf * weight)[:, band]
     dev = x.device
 
-    def penalty(shifts: torch.Tensor) -> torch.Tensor:
-        """The shift prior's term for shifts ``(..., 2)`` px -> ``(...)``."""
-        return shift_penalty * (shifts**2).sum(-1)
+    def with_prior(scores: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+        """``scores`` less the shift prior's term of ``shifts`` ``(..., 2)`` px (broadcast
+        over the scores' last dimensions); unchanged without a prior."""
+        if not shift_penalty:
+            return scores
+        return scores - shift_penalty * (shifts**2).sum(-1)
 
     # 1. coarse: every class, coarse rotations and shifts, one matrix product
-    s1 = coarse_scores(wx, wc2, tables, space)  # (B, K, T, Rc)
-    if shift_penalty:
-        s1 = s1 - penalty(space.coarse_shifts)[:, None]
+    s1 = with_prior(coarse_scores(wx, wc2, tables, space), space.coarse_shifts[:, None])
     marginal = marginal_scores(s1, space, annealing)
     s1 = s1.reshape(b, k, -1)
     n_p = min(space.n_coarse_poses, s1.shape[-1])
@@ -477,7 +478,7 @@ def search(
         p = torch.view_as_real(wx_p[:, None, None, :] * pose_phase[phases.index(shifts)])
         cross = (p * g).sum((-1, -2))
         score = 2.0 * cross - (g.square().sum(-1) * wc2_p[:, None, None, :]).sum(-1)
-        return score - penalty(shifts) if shift_penalty else score
+        return with_prior(score, shifts)
 
     sp = pose_band_scores(rot, shift)
     score_p, pick = sp.max(-1)  # (B, N1)
@@ -492,9 +493,7 @@ def search(
     g = flat[cand * n_fine + rot].reshape(b * n1, 1, -1)  # (B·N1, 1, Fa)
     p = (wx[:, None, :] * phases(shift)).reshape(b * n1, 1, -1)
     wc2_1 = wc2.repeat_interleave(n1, 0)
-    s2 = (2.0 * _cross(p, g)[:, 0, 0] - _norm(wc2_1, g)[:, 0]).reshape(b, n1)
-    if shift_penalty:
-        s2 = s2 - penalty(shift)
+    s2 = with_prior((2.0 * _cross(p, g)[:, 0, 0] - _norm(wc2_1, g)[:, 0]).reshape(b, n1), shift)
     del g, p
 
     # 3. the best classes are polished on the full band: 0.5-px shifts, ±2 fine rotations
@@ -514,16 +513,13 @@ def search(
             g = flat[top[..., None] * n_fine + tried].reshape(b * n, j, -1)
             p = (wx[:, None, :] * phases(sh_b)).reshape(b * n, 1, -1)
             sc = (2.0 * _cross(p, g)[:, 0] - _norm(wc2_n, g)).reshape(b, n, j)
-            if shift_penalty:
-                sc = sc - penalty(sh_b)[..., None]
+            sc = with_prior(sc, sh_b[..., None, :])
             rot_b, new_score = _keep_better(sc, tried, rot_b, score_b)
         else:
             tried, too_far = _neighbour_shifts(sh_b, offs, space.max_shift_px)  # (B, N, 9, 2)
             g = flat[top * n_fine + rot_b].reshape(b * n, 1, -1)
             p = (wx[:, None, None, :] * phases(tried)).reshape(b * n, 9, -1)
-            sc = (2.0 * _cross(p, g)[..., 0] - _norm(wc2_n, g)).reshape(b, n, 9)
-            if shift_penalty:
-                sc = sc - penalty(tried)
+            sc = with_prior((2.0 * _cross(p, g)[..., 0] - _norm(wc2_n, g)).reshape(b, n, 9), tried)
             sc = sc.masked_fill(too_far, -torch.inf)
             sh_b, new_score = _keep_better(sc, tried, sh_b, score_b)
         evaluated.append(sc)
