@@ -200,6 +200,28 @@ def tutorial_neighbour_alignment() -> dict:
     return neighbour_alignment(direction, picks["rlnClassNumber"].to_numpy(int), psi, sign=-1.0)
 
 
+def shift_statistics(origins_A: np.ndarray) -> dict:
+    """Median and 90th percentile of the particles' distances from their picks, Å."""
+    d = np.linalg.norm(np.asarray(origins_A, dtype=float), axis=1)
+    return {
+        "median_A": round(float(np.median(d)), 1),
+        "p90_A": round(float(np.percentile(d, 90)), 1),
+    }
+
+
+def tutorial_shifts() -> dict:
+    """:func:`shift_statistics` of RELION's tutorial classification (``ap_s_c2d.star``: origins
+    in pixels of its 3.54 Å particles, i.e. 14 µm detector pixels at 39,548x)."""
+    import starfile
+
+    raw = next(iter(starfile.read(TUTORIAL_STAR, always_dict=True).values()))
+    apix = (
+        1e4 * raw["rlnDetectorPixelSize"].to_numpy(float) / raw["rlnMagnification"].to_numpy(float)
+    )
+    origins = raw[["rlnOriginX", "rlnOriginY"]].to_numpy(float) * apix[:, None]
+    return shift_statistics(origins)
+
+
 def measure(job_dir: Path, particles_star: Path, n_directions: int) -> dict:
     """Every figure of the module docstring's step 3, per class and in summary."""
     import starfile
@@ -366,6 +388,11 @@ def measure(job_dir: Path, particles_star: Path, n_directions: int) -> dict:
         "neighbour_alignment_median_R": neighbours["ours"]["median_R"],
         "neighbour_alignment_median_R_tutorial": neighbours["tutorial"]["median_R"],
         "neighbour_alignment_median_R_shuffled": neighbours["ours"]["median_R_shuffled"],
+        # how far the job moved the particles from their picks, against the tutorial's
+        "shifts": shift_statistics(
+            res["particles"][["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)
+        ),
+        "shifts_tutorial": tutorial_shifts(),
     }
     tut_tex = texture_measures(tut["images"], apix, DIAMETER_A)
     reference = {
