@@ -191,6 +191,9 @@ def test_class_average_of_a_crowded_field_shows_no_neighbour(tmp_path):
         n_online_em_iterations=3,
         batch_size_per_class=40,
         seed=0,
+        # every particle of this set lies at the same angle, so its unaligned mean is not
+        # round: the fixed-pattern removal, which assumes random angles, is left out
+        remove_fixed_pattern=False,
     )
     c = np.arange(BOX) - BOX // 2
     r = np.hypot(c[None, :], c[:, None])

@@ -97,6 +97,16 @@ class Class2DConfig:
         ``(max_shift_A / 2)²``) that holds the particles near their picks: without it the
         masks and shifts drift together (on the crowded EMPIAR-10017 β-galactosidase
         picks the shifts ran to the search limit).
+    remove_fixed_pattern
+        Subtract from every particle the part of its micrograph's mean particle image
+        (all its boxes averaged as cut, unaligned) that is not rotationally symmetric,
+        before the masks. Particles lie at random in-plane angles, so their unaligned
+        mean is round; what is not round is fixed in the box's frame (a detector
+        pattern, an illumination gradient, extraction artefacts), and classes would
+        otherwise align on it. Uses ``rlnMicrographName`` (cryoSPARC
+        ``location/micrograph_path``); micrographs with fewer than
+        :data:`~napari_class2d.engine.pool.MIN_PATTERN_PARTICLES` particles, and
+        particles without a micrograph, are not changed.
     resolution_increment_px
         The search uses frequencies up to the current resolution of the classes
         (where their spectral signal-to-noise ratio still reaches 1) plus this many
@@ -157,6 +167,7 @@ class Class2DConfig:
     mask_particles_with_zeros: bool = True
     mask_neighbours: bool = True
     masks_follow_shifts: bool = False
+    remove_fixed_pattern: bool = True
     resolution_increment_px: int = 10
     particle_diameter_A: float | None = None
     mask_inner_diameter_A: float | None = None
@@ -391,6 +402,7 @@ class Class2DConfig:
             mask_particles_with_zeros=self.mask_particles_with_zeros,
             mask_neighbours=self.mask_neighbours,
             masks_follow_shifts=self.masks_follow_shifts,
+            remove_fixed_pattern=self.remove_fixed_pattern,
             max_res_A=max_res,
             notes=tuple(notes),
         )
@@ -414,6 +426,7 @@ class ResolvedParams:
     mask_particles_with_zeros: bool = True
     mask_neighbours: bool = True
     masks_follow_shifts: bool = False
+    remove_fixed_pattern: bool = True
     #: the maximum resolution used (``max_res_A``, or its data-dependent default)
     max_res_A: float = DEFAULT_MAX_RES_A
     #: what :meth:`Class2DConfig.resolve` chose for the data, one line each

@@ -85,6 +85,24 @@ def pick_positions_A(particles: ParticleSet) -> tuple[np.ndarray, np.ndarray] | 
     return None
 
 
+def micrograph_groups(particles: ParticleSet) -> np.ndarray | None:
+    """``(N,)`` int64 index of each particle's micrograph (RELION ``rlnMicrographName``;
+    cryoSPARC ``location/micrograph_uid`` or ``location/micrograph_path``), or ``None``
+    when the source names no micrograph."""
+    md = particles.metadata
+    column = next(
+        (
+            c
+            for c in ("rlnMicrographName", "location/micrograph_uid", "location/micrograph_path")
+            if c in md.columns
+        ),
+        None,
+    )
+    if column is None:
+        return None
+    return np.unique(md[column].astype(str).to_numpy(), return_inverse=True)[1].astype(np.int64)
+
+
 def neighbour_offsets_A(
     group: np.ndarray, xy_A: np.ndarray, reach_A: float, same_A: float
 ) -> np.ndarray:

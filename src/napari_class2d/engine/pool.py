@@ -12,6 +12,11 @@ cached: they are applied when a chunk is read (:meth:`ParticlePool.get`), around
 particle's current centre, as RELION masks each particle after moving it by its current
 offset (a mask cached at the pick moves with the particle when the search shifts it).
 
+With ``remove_fixed_pattern`` (default) each particle first loses the part of its
+micrograph's unaligned mean box that is not round (``ParticlePool._fixed_patterns``):
+particles lie at random in-plane angles, so whatever that mean holds beyond its
+rotational average is fixed in the box's frame, not the particle's.
+
 The pool grows (streaming) by appending blocks; with a cache folder each block is a
 memory-mapped ``.npy`` file, so a data set larger than RAM runs from disk.
 
@@ -36,6 +41,7 @@ from napari_class2d.engine.fourier import FourierGrid, soft_circle, soft_edge
 from napari_class2d.engine.neighbours import (
     MAX_NEIGHBOURS,
     SAME_PARTICLE_FRACTION,
+    micrograph_groups,
     neighbour_masks,
     neighbour_offsets_A,
     pick_positions_A,
@@ -46,6 +52,10 @@ from napari_class2d.io.particles import ParticleSet
 #: cache file names of the particles' coefficients: masked at the pick, or not masked
 #: (``masks_follow_shifts``); a job resumed in the other mode preprocesses them again
 CACHE_KIND = {False: "block", True: "particles"}
+
+#: micrographs with fewer particles keep their boxes as they are: the mean of a few
+#: particles is mostly their noise, which subtracting would add to all of them
+MIN_PATTERN_PARTICLES = 30
 
 #: a particle without CTF (stack-only input, or CTF correction off) gets these
 NO_CTF = np.array([0, 0, 0, 300, 0, 1.0, 0, 0], dtype=np.float32)
@@ -207,6 +217,7 @@ class ParticlePool:
         follow = p.masks_follow_shifts
         neighbours = None if follow else self._neighbour_offsets_px(particles, p.pixel_size_A)
         fill = None
+        pattern_of, patterns = self._fixed_patterns(particles)
         for start in range(0, len(held), self.chunk_size):  # CTF once per particle, cached
             sel = slice(start, min(start + self.chunk_size, len(held)))
             if particles.has_ctf:
@@ -224,6 +235,9 @@ class ParticlePool:
                 raise ParticleFileError(
                     particles.source_path, "image holds NaN or infinite values", row=bad
                 )
+            if patterns is not None:
+                x = self._pattern_removed(x.to(self.device), pattern_of[idx], patterns)
+            x = self._normalised(x)
             if follow:  # masked when read (get), around the particle's current centre
                 coeffs[sel] = self._preprocess(x)
                 continue
@@ -322,16 +336,57 @@ class ParticlePool:
 
     def _fill_image(self, x: torch.Tensor) -> torch.Tensor:
         """The fill of a particle masked at its pick: the rotational average of the mean of
-        the images ``x`` normalised (the block's first chunk; ``(D, D)``); see
+        the normalised images ``x`` (the block's first chunk; ``(D, D)``); see
         :meth:`_fill_profile`."""
-        mean = self._normalised(x).mean(0)
-        profile, r = _radial_profile(mean)
-        return profile[r].reshape(mean.shape)
+        return _round_part(x.mean(0))
+
+    def _fixed_patterns(self, particles: ParticleSet) -> tuple[np.ndarray, torch.Tensor | None]:
+        """What is fixed in the box's frame, per micrograph (``remove_fixed_pattern``).
+
+        Every particle of the set is read once (all of them, also in a distributed job,
+        so every process subtracts the same patterns) and averaged per micrograph as cut,
+        in the stack's units: a fixed pattern adds the same values to every box, so it
+        is subtracted before the normalisation scales each box by its own background. A
+        micrograph's pattern is that mean minus its rotational average. Memory: one
+        ``(D, D)`` float64 sum per micrograph of the block while it is read (1,000
+        micrographs at box 256: 524 MB), then one float32 pattern; not per particle.
+
+        Returns the pattern row of each particle (``(N,)``; the last row is zeros: no
+        micrograph, or fewer than :data:`MIN_PATTERN_PARTICLES`) and the
+        ``(M + 1, D, D)`` patterns, or ``None`` when nothing is subtracted.
+        """
+        n = particles.n_particles
+        group = micrograph_groups(particles) if self.params.remove_fixed_pattern else None
+        if group is None or n == 0:
+            return np.zeros(n, np.int64), None
+        d0, m = self.params.box, int(group.max()) + 1
+        sums = torch.zeros((m + 1, d0, d0), dtype=torch.float64)  # on the host
+        for start in range(0, n, self.chunk_size):
+            rows = np.arange(start, min(start + self.chunk_size, n))
+            x = torch.from_numpy(particles.read_images(rows)).double()
+            sums.index_add_(0, torch.from_numpy(group[rows]), x)
+        counts = np.bincount(group, minlength=m + 1).astype(np.float64)
+        means = (sums / torch.from_numpy(counts).clamp(min=1)[:, None, None]).float()
+        del sums
+        patterns = torch.stack([mean - _round_part(mean) for mean in means]).to(self.device)
+        enough = counts >= MIN_PATTERN_PARTICLES
+        patterns[torch.from_numpy(~enough).to(self.device)] = 0.0
+        if not enough.any():
+            return np.zeros(n, np.int64), None
+        return np.where(enough[group], group, m), patterns
+
+    def _pattern_removed(
+        self, x: torch.Tensor, rows: np.ndarray, patterns: torch.Tensor
+    ) -> torch.Tensor:
+        """Images ``x`` as read less their micrograph's pattern (``rows`` into
+        ``patterns``; the last row: none); images without a pattern as they are."""
+        has = torch.from_numpy(rows < len(patterns) - 1).to(self.device)
+        removed = x - patterns[torch.from_numpy(rows).to(self.device)]
+        return torch.where(has[:, None, None], removed, x)
 
     def _preprocess(self, x: torch.Tensor) -> np.ndarray:
-        """Normalised, windowed at the box edge, Fourier cropped (masked when read)."""
-        x = self._normalised(x) * self._edge
-        return self._cropped(x)
+        """Normalised ``x``: windowed at the box edge, Fourier cropped (masked when read)."""
+        return self._cropped(x * self._edge)
 
     def _preprocess_at_pick(
         self,
@@ -339,9 +394,8 @@ class ParticlePool:
         neighbours: torch.Tensor | None = None,
         fill: torch.Tensor | None = None,
     ) -> np.ndarray:
-        """Normalised, neighbours masked, windowed by :func:`particle_window` at the pick,
-        Fourier cropped."""
-        x = self._normalised(x)
+        """Normalised ``x``: neighbours masked, windowed by :func:`particle_window` at the
+        pick, Fourier cropped."""
         if neighbours is not None:
             keep = neighbour_masks(
                 neighbours.to(self.device), self.params.box, self._neighbour_edge_px
@@ -519,6 +573,12 @@ def _radial_profile(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r = torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2).round().long().flatten()
     profile = torch.bincount(r, weights=image.flatten().double()) / torch.bincount(r)
     return profile.float(), r
+
+
+def _round_part(image: torch.Tensor) -> torch.Tensor:
+    """The rotational average of a centred ``(D, D)`` image, as an image."""
+    profile, r = _radial_profile(image)
+    return profile[r].reshape(image.shape)
 
 
 def _used_slots(near: np.ndarray) -> int:

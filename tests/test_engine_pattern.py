@@ -1,0 +1,127 @@
+"""A pattern fixed in the box's frame is removed from the particles (``remove_fixed_pattern``).
+
+Particles lie at random in-plane angles, so the unaligned mean of a micrograph's boxes is
+round; a detector pattern or an illumination gradient is the same in every box of the
+micrograph and is not. The pool subtracts, per micrograph, the part of that mean which is
+not round, before the masks; micrographs with too few particles, and particles without a
+micrograph name, are left as they are.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from io_fixtures import write_stack, write_star
+from napari_class2d.engine.config import Class2DConfig
+from napari_class2d.engine.pool import MIN_PATTERN_PARTICLES, ParticlePool, working_grid
+from napari_class2d.io.readers import read_particles
+
+BOX, APIX = 48, 4.0
+DIAMETER_A = 120.0
+#: particles per micrograph: two with enough particles, one with too few
+COUNTS = {"a.mrc": 80, "b.mrc": 80, "c.mrc": MIN_PATTERN_PARTICLES - 10}
+
+
+def blob(x: float, y: float, sigma: float) -> np.ndarray:
+    c = np.arange(BOX) - BOX // 2
+    return np.exp(-0.5 * ((c[None, :] - x) ** 2 + (c[:, None] - y) ** 2) / sigma**2)
+
+
+def box_pattern() -> np.ndarray:
+    """A gradient and fine stripes, the same in every box of a micrograph."""
+    c = np.arange(BOX) - BOX // 2
+    x = np.broadcast_to(c[None, :], (BOX, BOX))
+    return 0.4 * x / BOX + 0.25 * np.cos(2 * np.pi * x / 4.0)
+
+
+def particle_set(
+    tmp_path, patterned: set[str], names: bool = True, seed: int = 0, lobe: float = 0.8
+):
+    """A particle (a blob with a ``lobe`` beside it) at a random in-plane angle in every
+    box, with noise; the boxes of the micrographs in ``patterned`` also hold
+    :func:`box_pattern`. Returns the STAR file and the particles' micrograph names."""
+    rng = np.random.default_rng(seed)
+    mics = [m for m, n in COUNTS.items() for _ in range(n)]
+    angles = rng.uniform(0, 2 * np.pi, len(mics))
+    clean = np.stack(
+        [blob(0, 0, 4.0) + lobe * blob(7 * np.cos(a), 7 * np.sin(a), 2.5) for a in angles]
+    )
+    clean = clean + rng.normal(0, 0.3, clean.shape)
+    images = clean + np.stack([box_pattern() if m in patterned else 0.0 * clean[0] for m in mics])
+    folder = tmp_path / f"{'with' if patterned else 'without'}_{lobe}"
+    folder.mkdir()
+    write_stack(folder / "stack.mrcs", data=images.astype(np.float32), voxel_size=APIX)
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroupName": ["opticsGroup1"],
+            "rlnOpticsGroup": [1],
+            "rlnImagePixelSize": [APIX],
+            "rlnImageSize": [BOX],
+            "rlnImageDimensionality": [2],
+        }
+    )
+    table = {
+        "rlnImageName": [f"{i + 1:06d}@stack.mrcs" for i in range(len(mics))],
+        "rlnOpticsGroup": np.ones(len(mics), int),
+    }
+    if names:
+        table["rlnMicrographName"] = mics
+    star = write_star(
+        folder / "particles.star", {"optics": optics, "particles": pd.DataFrame(table)}
+    )
+    return star, np.asarray(mics)
+
+
+def cached_images(star, **config) -> np.ndarray:
+    """The pool's particles of ``star`` back in real space (masked as the job masks them)."""
+    particles = read_particles(star)
+    params = Class2DConfig(particle_diameter_A=DIAMETER_A, ctf_correction="off", **config).resolve(
+        particles.box, float(particles.pixel_size_A[0])
+    )
+    pool = ParticlePool(params, working_grid(params))
+    pool.add(particles)
+    x = pool.get(np.arange(particles.n_particles))[0]
+    return pool.grid.inverse(x).numpy()
+
+
+def test_a_pattern_fixed_in_the_box_is_removed_and_the_particles_kept(tmp_path):
+    patterned = {"a.mrc", "c.mrc"}
+    star, mics = particle_set(tmp_path, patterned)
+    clean_star, _ = particle_set(tmp_path, set())
+    clean = cached_images(clean_star, remove_fixed_pattern=False)
+    removed = cached_images(star)
+    kept = cached_images(star, remove_fixed_pattern=False)
+
+    def error(images, mic):  # mean squared difference from the clean particles, per pixel
+        at = mics == mic
+        return float(((images[at] - clean[at]) ** 2).mean())
+
+    def power(images, mic):
+        return float((clean[mics == mic] ** 2).mean())
+
+    # micrograph a: the pattern is in every box; without the removal it is all over the
+    # particles, with it what is left is about the estimate's noise (1/80 of the noise),
+    # as on micrograph b, which has no pattern and loses only its estimate's noise (a
+    # little more: the patterned boxes were normalised with the pattern in them first)
+    assert error(kept, "a.mrc") > 0.1 * power(clean, "a.mrc")
+    assert error(removed, "a.mrc") < 0.1 * error(kept, "a.mrc")
+    assert error(removed, "a.mrc") < 2.5 * error(removed, "b.mrc")
+    assert error(removed, "b.mrc") < 0.05 * power(clean, "b.mrc")
+    # micrograph c has too few particles for an estimate: left as it is
+    at = mics == "c.mrc"
+    np.testing.assert_array_equal(removed[at], kept[at])
+    # the removal leaves the round part of each micrograph's mean (the particles' own)
+    for mic in ("a.mrc", "b.mrc"):
+        mean_clean = clean[mics == mic].mean(0)
+        mean_removed = removed[mics == mic].mean(0)
+        assert float(((mean_removed - mean_clean) ** 2).sum()) < 0.05 * float(
+            (mean_clean**2).sum()
+        )
+
+
+def test_particles_without_a_micrograph_are_not_changed(tmp_path):
+    star, _ = particle_set(tmp_path, {"a.mrc"}, names=False)
+    np.testing.assert_array_equal(
+        cached_images(star), cached_images(star, remove_fixed_pattern=False)
+    )
