@@ -99,14 +99,15 @@ class Class2DConfig:
         picks the shifts ran to the search limit).
     remove_fixed_pattern
         Subtract from every particle the part of its micrograph's mean particle image
-        (all its boxes averaged as cut, unaligned) that is not rotationally symmetric,
-        before the masks. Particles lie at random in-plane angles, so their unaligned
-        mean is round; what is not round is fixed in the box's frame (a detector
-        pattern, an illumination gradient, extraction artefacts), and classes would
-        otherwise align on it. Uses ``rlnMicrographName`` (cryoSPARC
-        ``location/micrograph_path``); micrographs with fewer than
-        :data:`~napari_class2d.engine.pool.MIN_PATTERN_PARTICLES` particles, and
-        particles without a micrograph, are not changed.
+        (all its boxes averaged as cut, unaligned) that is not rotationally symmetric
+        (with a CTF: that the micrograph's CTF does not explain), shrunk by the noise
+        of that mean, before the normalisation and the masks. Particles lie at random
+        in-plane angles, so their unaligned mean is round; what is not round is fixed
+        in the box's frame (a detector pattern, an illumination gradient, extraction
+        artefacts), and classes would otherwise align on it. Uses
+        ``rlnMicrographName`` (cryoSPARC ``location/micrograph_path``); micrographs
+        with fewer than 30 particles, and particles without a micrograph, are not
+        changed.
     resolution_increment_px
         The search uses frequencies up to the current resolution of the classes
         (where their spectral signal-to-noise ratio still reaches 1) plus this many
@@ -167,7 +168,7 @@ class Class2DConfig:
     mask_particles_with_zeros: bool = True
     mask_neighbours: bool = True
     masks_follow_shifts: bool = False
-    remove_fixed_pattern: bool = True
+    remove_fixed_pattern: bool = False
     resolution_increment_px: int = 10
     particle_diameter_A: float | None = None
     mask_inner_diameter_A: float | None = None
@@ -426,7 +427,7 @@ class ResolvedParams:
     mask_particles_with_zeros: bool = True
     mask_neighbours: bool = True
     masks_follow_shifts: bool = False
-    remove_fixed_pattern: bool = True
+    remove_fixed_pattern: bool = False
     #: the maximum resolution used (``max_res_A``, or its data-dependent default)
     max_res_A: float = DEFAULT_MAX_RES_A
     #: what :meth:`Class2DConfig.resolve` chose for the data, one line each

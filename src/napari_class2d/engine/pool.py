@@ -12,7 +12,7 @@ cached: they are applied when a chunk is read (:meth:`ParticlePool.get`), around
 particle's current centre, as RELION masks each particle after moving it by its current
 offset (a mask cached at the pick moves with the particle when the search shifts it).
 
-With ``remove_fixed_pattern`` (default) each particle first loses the part of its
+With ``remove_fixed_pattern`` each particle first loses the part of its
 micrograph's unaligned mean box that is not round (``ParticlePool._fixed_patterns``):
 particles lie at random in-plane angles, so whatever that mean holds beyond its
 rotational average is fixed in the box's frame, not the particle's.
@@ -56,6 +56,10 @@ CACHE_KIND = {False: "block", True: "particles"}
 #: micrographs with fewer particles keep their boxes as they are: the mean of a few
 #: particles is mostly their noise, which subtracting would add to all of them
 MIN_PATTERN_PARTICLES = 30
+
+#: a micrograph's pattern is kept ring by ring only as far as its power exceeds this many
+#: times the noise of its estimate (1: a Wiener filter; 3: what is kept is clearly there)
+PATTERN_DETECTION = 3.0
 
 #: a particle without CTF (stack-only input, or CTF correction off) gets these
 NO_CTF = np.array([0, 0, 0, 300, 0, 1.0, 0, 0], dtype=np.float32)
@@ -347,7 +351,10 @@ class ParticlePool:
         so every process subtracts the same patterns) and averaged per micrograph as cut,
         in the stack's units: a fixed pattern adds the same values to every box, so it
         is subtracted before the normalisation scales each box by its own background. A
-        micrograph's pattern is that mean minus its rotational average. Memory: one
+        micrograph's pattern is that mean minus its rotational average (with a CTF:
+        minus the round mean the micrograph's CTF modulates, :meth:`_ctf_patterns`),
+        shrunk ring by ring in Fourier space by :data:`PATTERN_DETECTION` times the noise
+        of a mean of that many boxes. Memory: one
         ``(D, D)`` float64 sum per micrograph of the block while it is read (1,000
         micrographs at box 256: 524 MB), then one float32 pattern; not per particle.
 
@@ -360,20 +367,66 @@ class ParticlePool:
         if group is None or n == 0:
             return np.zeros(n, np.int64), None
         d0, m = self.params.box, int(group.max()) + 1
+        g = self._full_grid
         sums = torch.zeros((m + 1, d0, d0), dtype=torch.float64)  # on the host
+        power = torch.zeros((m + 1, g.n_rings), dtype=torch.float64)
+        ctf_rows = self._ctf_array(particles) if particles.has_ctf else None
+        ctf_sums = torch.zeros((m + 1, g.n), dtype=torch.float64) if particles.has_ctf else None
         for start in range(0, n, self.chunk_size):
             rows = np.arange(start, min(start + self.chunk_size, n))
-            x = torch.from_numpy(particles.read_images(rows)).double()
-            sums.index_add_(0, torch.from_numpy(group[rows]), x)
+            x = torch.from_numpy(particles.read_images(rows))
+            at = torch.from_numpy(group[rows])
+            sums.index_add_(0, at, x.double())
+            ring_power = g.ring_average(g.forward(x.to(self.device).float()).abs() ** 2)
+            power.index_add_(0, at, ring_power.double().cpu())
+            if ctf_sums is not None:
+                c = ctf_values(
+                    torch.from_numpy(ctf_rows[rows]).to(self.device), g, self.params.pixel_size_A
+                )
+                ctf_sums.index_add_(0, at, c.double().cpu())
         counts = np.bincount(group, minlength=m + 1).astype(np.float64)
-        means = (sums / torch.from_numpy(counts).clamp(min=1)[:, None, None]).float()
+        per = torch.from_numpy(counts).clamp(min=1)
+        means = (sums / per[:, None, None]).float()
         del sums
-        patterns = torch.stack([mean - _round_part(mean) for mean in means]).to(self.device)
+        if ctf_sums is None:
+            patterns = torch.stack([mean - _round_part(mean) for mean in means]).to(self.device)
+        else:  # what the micrograph's CTF makes of a round mean is not a pattern either
+            patterns = self._ctf_patterns(
+                means.to(self.device), (ctf_sums / per[:, None]).float().to(self.device)
+            )
+        # each estimate is shrunk ring by ring by its own noise (the boxes' spread over
+        # the number of boxes) times PATTERN_DETECTION: a ring where the estimate is not
+        # clearly above its noise keeps nothing, so a micrograph without a pattern has
+        # nothing subtracted (its particles stay exactly as they were)
+        coeffs = g.forward(patterns)
+        found = g.ring_average(coeffs.abs() ** 2).double().cpu()
+        spread = (
+            power / per[:, None]
+            - g.ring_average(g.forward(means.to(self.device)).abs() ** 2).double().cpu()
+        ).clamp(min=0)
+        noise = PATTERN_DETECTION * spread / per[:, None]
+        gain = (1.0 - noise / found.clamp(min=1e-30)).clamp(0.0, 1.0)
+        patterns = g.inverse(coeffs * gain.float().to(self.device)[:, g.ring])
         enough = counts >= MIN_PATTERN_PARTICLES
         patterns[torch.from_numpy(~enough).to(self.device)] = 0.0
         if not enough.any():
             return np.zeros(n, np.int64), None
         return np.where(enough[group], group, m), patterns
+
+    def _ctf_patterns(self, means: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
+        """Means ``(M, D, D)`` less what is round once their micrograph's mean CTF
+        ``(M, F)`` is accounted for: ``CTF(f)·A(|f|) + B(|f|)``, ``A`` and ``B`` fitted
+        ring by ring (least squares; ``B``: what the CTF does not modulate, such as the
+        background level each box was cut with). An astigmatic CTF turns the particles'
+        round mean into an elliptical one, which is signal, not a pattern of the box."""
+        g = self._full_grid
+        m = g.forward(means).real
+        cc, c1 = g.ring_average(ctf * ctf), g.ring_average(ctf)
+        cm, m1 = g.ring_average(ctf * m), g.ring_average(m)
+        det = (cc - c1 * c1).clamp(min=1e-12)
+        a, b = (cm - c1 * m1) / det, (cc * m1 - c1 * cm) / det
+        round_part = ctf * a[:, g.ring] + b[:, g.ring]
+        return g.inverse(g.forward(means) - round_part)
 
     def _pattern_removed(
         self, x: torch.Tensor, rows: np.ndarray, patterns: torch.Tensor
