@@ -352,7 +352,7 @@ class ParticlePool:
         in the stack's units: a fixed pattern adds the same values to every box, so it
         is subtracted before the normalisation scales each box by its own background. A
         micrograph's pattern is that mean minus its rotational average (with a CTF:
-        minus the round mean the micrograph's CTF modulates, :meth:`_ctf_patterns`),
+        minus the round mean the micrograph's CTF modulates, :meth:`_ctf_round_part`),
         shrunk ring by ring in Fourier space by :data:`PATTERN_DETECTION` times the noise
         of a mean of that many boxes. Memory: one
         ``(D, D)`` float64 sum per micrograph of the block while it is read (1,000
@@ -367,6 +367,10 @@ class ParticlePool:
         if group is None or n == 0:
             return np.zeros(n, np.int64), None
         d0, m = self.params.box, int(group.max()) + 1
+        counts = np.bincount(group, minlength=m + 1).astype(np.float64)
+        enough = counts >= MIN_PATTERN_PARTICLES
+        if not enough.any():  # no micrograph has enough particles: nothing to read
+            return np.zeros(n, np.int64), None
         g = self._full_grid
         sums = torch.zeros((m + 1, d0, d0), dtype=torch.float64)  # on the host
         power = torch.zeros((m + 1, g.n_rings), dtype=torch.float64)
@@ -384,49 +388,44 @@ class ParticlePool:
                     torch.from_numpy(ctf_rows[rows]).to(self.device), g, self.params.pixel_size_A
                 )
                 ctf_sums.index_add_(0, at, c.double().cpu())
-        counts = np.bincount(group, minlength=m + 1).astype(np.float64)
         per = torch.from_numpy(counts).clamp(min=1)
         means = (sums / per[:, None, None]).float()
         del sums
+        mean_coeffs = g.forward(means.to(self.device))
         if ctf_sums is None:
-            patterns = torch.stack([mean - _round_part(mean) for mean in means]).to(self.device)
+            round_means = torch.stack([_round_part(mean) for mean in means]).to(self.device)
+            coeffs = g.forward(means.to(self.device) - round_means)
         else:  # what the micrograph's CTF makes of a round mean is not a pattern either
-            patterns = self._ctf_patterns(
-                means.to(self.device), (ctf_sums / per[:, None]).float().to(self.device)
-            )
+            ctf = (ctf_sums / per[:, None]).float().to(self.device)
+            coeffs = mean_coeffs - self._ctf_round_part(mean_coeffs, ctf)
         # each estimate is shrunk ring by ring by its own noise (the boxes' spread over
         # the number of boxes) times PATTERN_DETECTION: a ring where the estimate is not
         # clearly above its noise keeps nothing, so a micrograph without a pattern has
         # nothing subtracted (its particles stay exactly as they were)
-        coeffs = g.forward(patterns)
         found = g.ring_average(coeffs.abs() ** 2).double().cpu()
         spread = (
-            power / per[:, None]
-            - g.ring_average(g.forward(means.to(self.device)).abs() ** 2).double().cpu()
+            power / per[:, None] - g.ring_average(mean_coeffs.abs() ** 2).double().cpu()
         ).clamp(min=0)
         noise = PATTERN_DETECTION * spread / per[:, None]
         gain = (1.0 - noise / found.clamp(min=1e-30)).clamp(0.0, 1.0)
         patterns = g.inverse(coeffs * gain.float().to(self.device)[:, g.ring])
-        enough = counts >= MIN_PATTERN_PARTICLES
         patterns[torch.from_numpy(~enough).to(self.device)] = 0.0
-        if not enough.any():
-            return np.zeros(n, np.int64), None
         return np.where(enough[group], group, m), patterns
 
-    def _ctf_patterns(self, means: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
-        """Means ``(M, D, D)`` less what is round once their micrograph's mean CTF
-        ``(M, F)`` is accounted for: ``CTF(f)·A(|f|) + B(|f|)``, ``A`` and ``B`` fitted
-        ring by ring (least squares; ``B``: what the CTF does not modulate, such as the
-        background level each box was cut with). An astigmatic CTF turns the particles'
-        round mean into an elliptical one, which is signal, not a pattern of the box."""
+    def _ctf_round_part(self, coeffs: torch.Tensor, ctf: torch.Tensor) -> torch.Tensor:
+        """What is round in mean boxes ``(M, F)`` (coefficients) once their micrograph's
+        mean CTF ``(M, F)`` is accounted for: ``CTF(f)·A(|f|) + B(|f|)``, ``A`` and ``B``
+        fitted ring by ring (least squares; ``B``: what the CTF does not modulate, such
+        as the background level each box was cut with). An astigmatic CTF turns the
+        particles' round mean into an elliptical one, which is signal, not a pattern of
+        the box."""
         g = self._full_grid
-        m = g.forward(means).real
+        m = coeffs.real
         cc, c1 = g.ring_average(ctf * ctf), g.ring_average(ctf)
         cm, m1 = g.ring_average(ctf * m), g.ring_average(m)
         det = (cc - c1 * c1).clamp(min=1e-12)
         a, b = (cm - c1 * m1) / det, (cc * m1 - c1 * cm) / det
-        round_part = ctf * a[:, g.ring] + b[:, g.ring]
-        return g.inverse(g.forward(means) - round_part)
+        return ctf * a[:, g.ring] + b[:, g.ring]
 
     def _pattern_removed(
         self, x: torch.Tensor, rows: np.ndarray, patterns: torch.Tensor
