@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from io_fixtures import write_stack, write_star
+from io_fixtures import image_names, write_stack, write_star
 from napari_class2d.engine.config import Class2DConfig
 from napari_class2d.engine.ctf import ctf_values
 from napari_class2d.engine.fourier import FourierGrid
@@ -38,42 +38,48 @@ def box_pattern() -> np.ndarray:
     return 0.4 * x / BOX + 0.25 * np.cos(2 * np.pi * x / 4.0)
 
 
-def particle_set(
-    tmp_path, patterned: set[str], names: bool = True, seed: int = 0, lobe: float = 0.8
-):
-    """A particle (a blob with a ``lobe`` beside it) at a random in-plane angle in every
-    box, with noise; the boxes of the micrographs in ``patterned`` also hold
-    :func:`box_pattern`. Returns the STAR file and the particles' micrograph names."""
-    rng = np.random.default_rng(seed)
-    mics = [m for m, n in COUNTS.items() for _ in range(n)]
-    angles = rng.uniform(0, 2 * np.pi, len(mics))
-    clean = np.stack(
-        [blob(0, 0, 4.0) + lobe * blob(7 * np.cos(a), 7 * np.sin(a), 2.5) for a in angles]
+def particles(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` boxes of a blob with a lobe beside it, at random in-plane angles."""
+    angles = rng.uniform(0, 2 * np.pi, n)
+    return np.stack(
+        [blob(0, 0, 4.0) + 0.8 * blob(7 * np.cos(a), 7 * np.sin(a), 2.5) for a in angles]
     )
+
+
+def write_set(folder, images: np.ndarray, micrographs=None, ctf: dict | None = None):
+    """``images`` as a stack and a RELION 3.1 STAR file in ``folder``, with the particles'
+    micrograph names and CTF columns when given (and then the optics' voltage, Cs and
+    amplitude contrast)."""
+    n = len(images)
+    write_stack(folder / "stack.mrcs", data=images.astype(np.float32), voxel_size=APIX)
+    optics = {"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1]}
+    if ctf is not None:
+        optics |= {"rlnVoltage": [300.0], "rlnSphericalAberration": [2.7]}
+        optics |= {"rlnAmplitudeContrast": [0.1]}
+    optics |= {"rlnImagePixelSize": [APIX], "rlnImageSize": [BOX], "rlnImageDimensionality": [2]}
+    table = {
+        "rlnImageName": image_names("stack.mrcs", range(n)),
+        "rlnOpticsGroup": np.ones(n, int),
+    }
+    if micrographs is not None:
+        table["rlnMicrographName"] = list(micrographs)
+    table |= ctf or {}
+    blocks = {"optics": pd.DataFrame(optics), "particles": pd.DataFrame(table)}
+    return write_star(folder / "particles.star", blocks)
+
+
+def particle_set(tmp_path, patterned: set[str], names: bool = True):
+    """:func:`particles` with noise on the micrographs of :data:`COUNTS`; the boxes of the
+    micrographs in ``patterned`` also hold :func:`box_pattern`. Returns the STAR file and
+    the particles' micrograph names."""
+    rng = np.random.default_rng(0)
+    mics = [m for m, n in COUNTS.items() for _ in range(n)]
+    clean = particles(rng, len(mics))
     clean = clean + rng.normal(0, 0.3, clean.shape)
     images = clean + np.stack([box_pattern() if m in patterned else 0.0 * clean[0] for m in mics])
-    folder = tmp_path / f"{'with' if patterned else 'without'}_{lobe}"
+    folder = tmp_path / ("with" if patterned else "without")
     folder.mkdir()
-    write_stack(folder / "stack.mrcs", data=images.astype(np.float32), voxel_size=APIX)
-    optics = pd.DataFrame(
-        {
-            "rlnOpticsGroupName": ["opticsGroup1"],
-            "rlnOpticsGroup": [1],
-            "rlnImagePixelSize": [APIX],
-            "rlnImageSize": [BOX],
-            "rlnImageDimensionality": [2],
-        }
-    )
-    table = {
-        "rlnImageName": [f"{i + 1:06d}@stack.mrcs" for i in range(len(mics))],
-        "rlnOpticsGroup": np.ones(len(mics), int),
-    }
-    if names:
-        table["rlnMicrographName"] = mics
-    star = write_star(
-        folder / "particles.star", {"optics": optics, "particles": pd.DataFrame(table)}
-    )
-    return star, np.asarray(mics)
+    return write_set(folder, images, mics if names else None), np.asarray(mics)
 
 
 def cached_images(star, **config) -> np.ndarray:
@@ -137,10 +143,7 @@ def test_an_astigmatic_ctf_is_not_taken_for_a_pattern(tmp_path):
     models; only what the CTF does not explain is removed, so the particles keep it."""
     rng = np.random.default_rng(3)
     n = 120
-    angles = rng.uniform(0, 2 * np.pi, n)
-    clean = np.stack(
-        [blob(0, 0, 4.0) + 0.8 * blob(7 * np.cos(a), 7 * np.sin(a), 2.5) for a in angles]
-    )
+    clean = particles(rng, n)
     ctf = {
         "rlnDefocusU": np.full(n, 12000.0),
         "rlnDefocusV": np.full(n, 9000.0),
@@ -154,28 +157,7 @@ def test_an_astigmatic_ctf_is_not_taken_for_a_pattern(tmp_path):
         grid.forward(torch.from_numpy(clean).float()) * ctf_values(params, grid, APIX)
     ).numpy()
     images = modulated + rng.normal(0, 0.05, modulated.shape)
-    write_stack(tmp_path / "stack.mrcs", data=images.astype(np.float32), voxel_size=APIX)
-    optics = pd.DataFrame(
-        {
-            "rlnOpticsGroupName": ["opticsGroup1"],
-            "rlnOpticsGroup": [1],
-            "rlnVoltage": [300.0],
-            "rlnSphericalAberration": [2.7],
-            "rlnAmplitudeContrast": [0.1],
-            "rlnImagePixelSize": [APIX],
-            "rlnImageSize": [BOX],
-            "rlnImageDimensionality": [2],
-        }
-    )
-    table = pd.DataFrame(
-        {
-            "rlnImageName": [f"{i + 1:06d}@stack.mrcs" for i in range(n)],
-            "rlnMicrographName": ["a.mrc"] * n,
-            "rlnOpticsGroup": np.ones(n, int),
-            **ctf,
-        }
-    )
-    star = write_star(tmp_path / "particles.star", {"optics": optics, "particles": table})
+    star = write_set(tmp_path, images, ["a.mrc"] * n, ctf)
     kept = cached_images(star, remove_fixed_pattern=False)
     removed = cached_images(star, remove_fixed_pattern=True)
     # the mean box is not round (the astigmatism), and the removal leaves it as it is
