@@ -10,10 +10,13 @@ benchmark (using the true averages, so every class passes the resolution test an
 the score measures the assignments). ``--brute-force`` replaces the coarse-to-fine
 pose search with every fine rotation and every integer shift at the full alignment
 band, which is the best this likelihood can do (slow: run it on ``--subset``).
+``--junk-per-kind`` gives every kind of junk (empty boxes, blobs, edges, aggregates...)
+a reference of its own, the unaligned mean of its particles, instead of one for all
+junk: what spare classes that each gather one kind of junk could do.
 
 Usage::
 
-    python benchmarks/ceiling.py OUT [--subset N] [--brute-force]
+    python benchmarks/ceiling.py OUT [--subset N] [--brute-force] [--junk-per-kind]
 
 where ``OUT`` holds ``sim/`` (a folder written by ``benchmarks/quality.py``).
 Prints the per-view fraction of particles assigned to their view and the score;
@@ -42,6 +45,16 @@ def _all_shifts(max_shift_px: float):
     return shifts[(shifts**2).sum(1) <= max_shift_px**2 + 1e-6]
 
 
+def _unaligned_mean(particles, rows, chunk: int = 512):
+    """``(D, D)`` plain mean of the particle images ``rows`` of a particle set."""
+    import numpy as np
+
+    total = 0.0
+    for s in range(0, len(rows), chunk):
+        total = total + particles.read_images(rows[s : s + chunk]).astype(np.float64).sum(0)
+    return (total / len(rows)).astype(np.float32)
+
+
 def main(argv: list[str] | None = None) -> int:
     import json
 
@@ -68,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--candidates", type=int, default=0, help="classes past the coarse pass (0: engine's)"
     )
+    ap.add_argument("--junk-per-kind", action="store_true", help="one reference per kind of junk")
     args = ap.parse_args(argv)
 
     sim = args.out / "sim"
@@ -75,9 +89,32 @@ def main(argv: list[str] | None = None) -> int:
     apix = truth_info["pixel_size_A"]
     oracle = oracle_classification(sim, args.out / "ceiling" / "oracle")
     refs = torch.from_numpy(mrcfile.read(oracle["classes"]).astype(np.float32))
-    k = refs.shape[0]
-
     particles = read_particles(sim / "particles.star")
+    truth = starfile.read(sim / "truth.star")
+
+    def key(names: pd.Series) -> pd.Series:
+        return (
+            names.str.split("@").str[0].astype(int).astype(str)
+            + "@"
+            + names.str.split("/").str[-1]
+        )
+
+    t = truth.set_index(key(truth.rlnImageName)).loc[key(particles.metadata.rlnImageName)]
+    n_views = refs.shape[0] - 1
+    kind = t.sim_junk_kind.to_numpy()
+    label = np.where(kind != "none", n_views, t.sim_view).astype(int)
+    classes_file = oracle["classes"]
+    if args.junk_per_kind:
+        kinds = sorted(set(kind.tolist()) - {"none"})
+        means = [_unaligned_mean(particles, np.nonzero(kind == j)[0]) for j in kinds]
+        refs = torch.cat([refs[:n_views], torch.from_numpy(np.stack(means))])
+        for j, name in enumerate(kinds):
+            label[kind == name] = n_views + j
+        classes_file = args.out / "ceiling" / "junk_per_kind_classes.mrcs"
+        with mrcfile.new(classes_file, overwrite=True) as f:
+            f.set_data(refs.numpy())
+            f.voxel_size = apix
+    k = refs.shape[0]
     config = Class2DConfig(
         n_classes=k,
         max_res_A=max(6.0, math.ceil(20 * apix) / 10),
@@ -116,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.refine:
         model.space = dataclasses.replace(model.space, n_refine=min(args.refine, k))
     model.references = refs * model.mask
+    # the full alignment band: not the band the first iteration's classes had grown to
+    model.current_radius = model._max_align_radius
     model.n_updates = 0  # search against these references, not half-set averages
     model.prior = torch.full((k,), 1.0 / k)
     assignments = ParticleAssignments.empty(pool.n)
@@ -123,17 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = model.iterate(pool, idx, assignments, 1.0, 1.0, False, False, job.rng)
     seconds = time.perf_counter() - t0
 
-    truth = starfile.read(sim / "truth.star")
-
-    def key(names: pd.Series) -> pd.Series:
-        return (
-            names.str.split("@").str[0].astype(int).astype(str)
-            + "@"
-            + names.str.split("/").str[-1]
-        )
-
-    t = truth.set_index(key(truth.rlnImageName)).loc[key(particles.metadata.rlnImageName)]
-    label = np.where(t.sim_junk_kind != "none", k - 1, t.sim_view).astype(int)[idx]
+    label = label[idx]
     correct = assignments.best_class[idx] == label
     per_label = {
         int(v): round(float(correct[label == v].mean()), 3) for v in range(k) if (label == v).any()
@@ -150,19 +179,24 @@ def main(argv: list[str] | None = None) -> int:
             )
         },
     )
-    score = score_classification(sim, star, oracle["classes"])
+    score = score_classification(sim, star, classes_file)
     result = {
         "search": "brute force" if args.brute_force else "engine (coarse-to-fine)",
         "n_particles": int(len(idx)),
         "fraction_assigned_to_their_view": round(float(correct.mean()), 3),
         "per_view_fraction": per_label,
-        "junk_label": k - 1,
+        "junk_labels": list(range(n_views, k)),
         **score_summary(score),
+        "junk_by_kind_in_recovered_classes": {
+            j: round(v["in_recovered_classes"], 3) for j, v in score["junk_by_kind"].items()
+        },
         "search_ms_per_particle": round(1e3 * stats.timings["search_s"] / len(idx), 2),
         "e_step_s": round(seconds, 1),
         "machine": machine(),
     }
     name = "ceiling_brute.json" if args.brute_force else "ceiling.json"
+    if args.junk_per_kind:
+        name = name.replace(".json", "_junk_per_kind.json")
     if args.candidates or args.refine:
         name = name.replace(".json", f"_c{args.candidates}_r{args.refine}.json")
     write_json(args.out / name, result)
