@@ -64,7 +64,9 @@ class Class2DConfig:
     ctf_correction
         ``"full"`` (CTF in the likelihood and a Wiener filter), ``"flip"``
         (phase-flipping only: ``|CTF|`` weights, signs flipped) or ``"off"``
-        (negative stain / no CTF).
+        (negative stain / no CTF; each class's half-set FRC is then taken as falling
+        with frequency when its averages are filtered, see
+        :func:`~napari_class2d.engine.reconstruct.falling_frc`).
     clamp_solvent
         Solve class averages under the constraint that density outside the
         mask is zero, instead of masking the plain Wiener average.

@@ -995,7 +995,12 @@ class Class2DModel:
         cfg, g = self.config, self.grid
         total_den = self.den.sum(0)
         tau2, frc = signal_prior(
-            self.num, self.den, g, cfg.regularisation_factor, class_power(self.references, g)
+            self.num,
+            self.den,
+            g,
+            cfg.regularisation_factor,
+            class_power(self.references, g),
+            falling=cfg.ctf_correction == "off",
         )
         avg, inv_tau2 = regularised_average(self.num.sum(0), total_den, tau2, g)
         images = self._masked_images(avg, inv_tau2)
@@ -1037,7 +1042,14 @@ class Class2DModel:
         """``(K, D, D)`` the averages shown and written: the statistics Wiener-filtered by
         the signal the half sets measure (:func:`half_set_signal`), without the
         classification prior the references get, then masked (or clamp-solvent)."""
-        tau2, _ = half_set_signal(self.num, self.den, self.grid, self.config.regularisation_factor)
+        cfg = self.config
+        tau2, _ = half_set_signal(
+            self.num,
+            self.den,
+            self.grid,
+            cfg.regularisation_factor,
+            falling=cfg.ctf_correction == "off",
+        )
         avg, inv_tau2 = regularised_average(self.num.sum(0), self.den.sum(0), tau2, self.grid)
         return self._masked_images(avg, inv_tau2)
 
