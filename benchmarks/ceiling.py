@@ -12,11 +12,13 @@ pose search with every fine rotation and every integer shift at the full alignme
 band, which is the best this likelihood can do (slow: run it on ``--subset``).
 ``--junk-per-kind`` gives every kind of junk (empty boxes, blobs, edges, aggregates...)
 a reference of its own, the unaligned mean of its particles, instead of one for all
-junk: what spare classes that each gather one kind of junk could do.
+junk: what spare classes that each gather one kind of junk could do. ``--max-res-A``
+aligns to a coarser limit than the job's 6 Å (at low SNR the full band can cost views).
 
 Usage::
 
     python benchmarks/ceiling.py OUT [--subset N] [--brute-force] [--junk-per-kind]
+        [--max-res-A RES]
 
 where ``OUT`` holds ``sim/`` (a folder written by ``benchmarks/quality.py``).
 Prints the per-view fraction of particles assigned to their view and the score;
@@ -82,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         "--candidates", type=int, default=0, help="classes past the coarse pass (0: engine's)"
     )
     ap.add_argument("--junk-per-kind", action="store_true", help="one reference per kind of junk")
+    ap.add_argument(
+        "--max-res-A",
+        type=float,
+        default=0.0,
+        help="finest resolution aligned to, Å (0: the job's, 6 Å or Nyquist)",
+    )
     args = ap.parse_args(argv)
 
     sim = args.out / "sim"
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     k = refs.shape[0]
     config = Class2DConfig(
         n_classes=k,
-        max_res_A=max(6.0, math.ceil(20 * apix) / 10),
+        max_res_A=args.max_res_A or max(6.0, math.ceil(20 * apix) / 10),
         particle_diameter_A=round(1.1 * truth_info["particle_diameter_A"]),
         n_online_em_iterations=1,
         n_final_full_iterations=0,
@@ -197,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     name = "ceiling_brute.json" if args.brute_force else "ceiling.json"
     if args.junk_per_kind:
         name = name.replace(".json", "_junk_per_kind.json")
+    if args.max_res_A:
+        name = name.replace(".json", f"_{args.max_res_A:g}A.json")
     if args.candidates or args.refine:
         name = name.replace(".json", f"_c{args.candidates}_r{args.refine}.json")
     write_json(args.out / name, result)

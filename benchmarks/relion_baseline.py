@@ -17,7 +17,9 @@ times of the two give a speed ratio measured in one run. ``--ours-default`` runs
 default schedule on the same particles instead (quality.py's settings: the same mask
 diameter as RELION's, 6 Å or Nyquist; ``--set`` overrides any field) and scores it
 beside RELION; ``--reuse-relion`` scores an earlier RELION run in ``DIR/relion``
-again instead of running it.
+again instead of running it; a run that was stopped (or is still running: RELION writes
+every iteration) is scored at the last iteration it finished, with the time of its
+iterations only.
 
 Usage::
 
@@ -141,9 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     ).stdout.strip()
     print(" ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    if args.reuse_relion:  # wall time and memory as measured when RELION ran
+    finished = (job / f"run_it{args.iter:03d}_model.star").exists()
+    if args.reuse_relion and finished and (out / "relion.json").exists():
+        # wall time and memory as measured when RELION ran
         earlier = json.loads((out / "relion.json").read_text())["summary"]
         wall, peak_mb = earlier["wall_s"], earlier["peak_rss_MB"]
+    elif args.reuse_relion:  # a run stopped (or still running): its iterations so far
+        wall, peak_mb = None, None
     else:
         with open(job / "relion.log", "w") as log:
             done = subprocess.run(cmd, cwd=sim_dir, stdout=log, stderr=subprocess.STDOUT)
@@ -151,20 +157,28 @@ def main(argv: list[str] | None = None) -> int:
         peak_mb = round(peak_rss_mb(children=True))
         if done.returncode:
             sys.exit(f"relion_refine failed (exit {done.returncode}); see {job / 'relion.log'}")
-    # iteration boundaries: when RELION wrote each iteration's model
-    stamps = [(job / f"run_it{i:03d}_model.star").stat().st_mtime for i in range(args.iter + 1)]
+    # iteration boundaries: when RELION wrote each iteration's model (a stopped run is
+    # scored at the last iteration it finished)
+    models = [job / f"run_it{i:03d}_model.star" for i in range(args.iter + 1)]
+    stamps = [m.stat().st_mtime for m in models if m.exists()]
+    reached = len(stamps) - 1
+    if reached < 1:
+        sys.exit(f"no finished RELION iteration in {job}")
     relion_iteration_s = [round(b - a, 1) for a, b in zip(stamps, stamps[1:], strict=False)]
+    if wall is None:  # iterations 1 to `reached` only (without reading the particles)
+        wall = stamps[-1] - stamps[0]
     ours = _run_ours(Path(particles) if args.subset else sim_dir / particles, out, args, truth)
 
     from napari_class2d.sim.score import score_classification
 
-    last = f"run_it{args.iter:03d}"
+    last = f"run_it{reached:03d}"
     score = score_classification(sim_dir, job / f"{last}_data.star", job / f"{last}_classes.mrcs")
     summary = {
         **score_summary(score),
         "median_class_resolution_A": score["median_class_resolution_A"],
         "wall_s": round(wall, 1),
-        "s_per_iteration": round(wall / args.iter, 1),
+        "iterations": reached,
+        "s_per_iteration": round(wall / reached, 1),
         "peak_rss_MB": peak_mb,
         "n_particles": args.subset or truth["n_particles"],
         "relion_iteration_s": relion_iteration_s,
