@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         "junk_by_kind_in_recovered_classes": {
             j: round(v["in_recovered_classes"], 3) for j, v in score["junk_by_kind"].items()
         },
+        # particles whose rotation posterior is broad even against the true averages
+        "marginalised_fraction": round(stats.timings["marginalised_fraction"], 3),
         "search_ms_per_particle": round(1e3 * stats.timings["search_s"] / len(idx), 2),
         "e_step_s": round(seconds, 1),
         "machine": machine(),

@@ -50,7 +50,9 @@ class Class2DConfig:
         Mini-batch size per class: each online iteration sees
         ``batch_size_per_class * n_classes`` particles.
     n_final_full_iterations
-        Full iterations over all particles after the online phase.
+        Full iterations over all particles after the online phase (3: on the
+        simulated sets the third pass keeps views that one pass loses; each costs
+        one pass over every particle, which dominates a job of millions).
     icuf
         Initial classification uncertainty factor: the noise variance of the
         class posteriors is inflated by this factor at the start and annealed to
@@ -162,7 +164,7 @@ class Class2DConfig:
     min_align_res_A: float | None = None
     n_online_em_iterations: int = 24
     batch_size_per_class: int = 100
-    n_final_full_iterations: int = 1
+    n_final_full_iterations: int = 3
     icuf: float = 2.0
     annealing_start_iteration: int = 6
     n_annealing_iterations: int = 15
