@@ -19,7 +19,8 @@ diameter as RELION's, 6 Å or Nyquist; ``--set`` overrides any field) and scores
 beside RELION; ``--reuse-relion`` scores an earlier RELION run in ``DIR/relion``
 again instead of running it; a run that was stopped (or is still running: RELION writes
 every iteration) is scored at the last iteration it finished, with the time of its
-iterations only.
+iterations only (from the times RELION wrote its model files; a run continued with
+``relion_refine --continue`` counts the pause in the iteration it was continued from).
 
 Usage::
 
@@ -144,11 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     print(" ".join(cmd), flush=True)
     t0 = time.perf_counter()
     finished = (job / f"run_it{args.iter:03d}_model.star").exists()
+    earlier = None
     if args.reuse_relion and finished and (out / "relion.json").exists():
-        # wall time and memory as measured when RELION ran
         earlier = json.loads((out / "relion.json").read_text())["summary"]
+        if earlier.get("iterations", args.iter) != args.iter or earlier["wall_s"] is None:
+            earlier = None  # recorded while the run was unfinished: not its whole time
+    if earlier is not None:  # wall time and memory as measured when RELION ran
         wall, peak_mb = earlier["wall_s"], earlier["peak_rss_MB"]
-    elif args.reuse_relion:  # a run stopped (or still running): its iterations so far
+    elif args.reuse_relion:  # a run stopped, still running or continued: its iterations
         wall, peak_mb = None, None
     else:
         with open(job / "relion.log", "w") as log:
