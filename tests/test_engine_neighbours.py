@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from io_fixtures import write_stack, write_star
-from napari_class2d.engine.config import Class2DConfig
+from napari_class2d.engine.config import Class2DConfig, ConfigError
 from napari_class2d.engine.job import Class2DJob
 from napari_class2d.engine.neighbours import (
     MAX_PICKS_PER_MICROGRAPH,
@@ -253,3 +253,32 @@ def test_masks_follow_the_particle_centre_found_by_the_search(tmp_path):
     for a, b, t in zip(at_centre, plain, toward, strict=True):
         assert np.corrcoef(a[own], b[own])[0, 1] > 0.99
         assert a[t].std() < 0.2 * b[t].std()
+
+
+def test_mask_shift_limit_bounds_how_far_the_masks_follow(tmp_path):
+    """``mask_shift_limit_A``: a particle shifted 24 Å (6 px) has its masks 8 Å (2 px)
+    from its pick in the shift's direction with a limit of 8 Å, at its centre with a limit
+    beyond the shift, and at the pick with 0; refused without ``masks_follow_shifts``."""
+    star, images, _ = crowded_set(tmp_path)
+    n = len(images)
+    centres = np.tile([0.0, 6.0], (n, 1))
+    follow = dict(masks_follow_shifts=True)
+    limited = _cached_images(star, centres, mask_shift_limit_A=2 * APIX, **follow)
+    np.testing.assert_allclose(
+        limited, _cached_images(star, np.tile([0.0, 2.0], (n, 1)), **follow), atol=1e-5
+    )
+    assert not np.allclose(limited, _cached_images(star, centres, **follow), atol=1e-3)
+    np.testing.assert_allclose(
+        _cached_images(star, centres, mask_shift_limit_A=40.0, **follow),
+        _cached_images(star, centres, **follow),
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        _cached_images(star, centres, mask_shift_limit_A=0.0, **follow),
+        _cached_images(star, **follow),
+        atol=1e-5,
+    )
+    with pytest.raises(ConfigError, match="mask_shift_limit_A"):
+        Class2DConfig(mask_shift_limit_A=8.0).validate()
+    with pytest.raises(ConfigError, match="mask_shift_limit_A"):
+        Class2DConfig(mask_shift_limit_A=-1.0, masks_follow_shifts=True).validate()

@@ -101,6 +101,13 @@ class Class2DConfig:
         ``(max_shift_A / 2)²``) that holds the particles near their picks: without it the
         masks and shifts drift together (on the crowded EMPIAR-10017 β-galactosidase
         picks the shifts ran to the search limit).
+    mask_shift_limit_A
+        With ``masks_follow_shifts``: the farthest, in Å, that a particle's masks move from
+        its pick with its shift; a particle shifted farther has its masks this far from
+        its pick in the shift's direction (the shift itself is not limited by it).
+        ``None``: no limit (as far as ``max_shift_A``). Bounds the drift of masks and
+        shifts together on crowded real particles (measured in docs/benchmarks.md,
+        seventh session). Refused without ``masks_follow_shifts``.
     remove_fixed_pattern
         Subtract from every particle the part of its micrograph's mean particle image
         (all its boxes averaged as cut, unaligned) that is not rotationally symmetric
@@ -174,6 +181,7 @@ class Class2DConfig:
     mask_particles_with_zeros: bool = True
     mask_neighbours: bool = True
     masks_follow_shifts: bool = False
+    mask_shift_limit_A: float | None = None
     remove_fixed_pattern: bool = True
     resolution_increment_px: int = 10
     particle_diameter_A: float | None = None
@@ -272,6 +280,17 @@ class Class2DConfig:
         ):
             positive_or_none(name)
         need(self.max_shift_A is None or self.max_shift_A >= 0, "max_shift_A", "must be >= 0 Å")
+        limit = self.mask_shift_limit_A
+        need(
+            limit is None or (math.isfinite(limit) and limit >= 0),
+            "mask_shift_limit_A",
+            "must be >= 0 Å (or unset)",
+        )
+        need(
+            limit is None or self.masks_follow_shifts,
+            "mask_shift_limit_A",
+            "has no effect unless masks_follow_shifts is on (the masks stay at the pick)",
+        )
         if self.min_align_res_A is not None:
             max_res = self.max_res_A or DEFAULT_MAX_RES_A
             finest = self.max_align_res_A or max_res
@@ -409,6 +428,7 @@ class Class2DConfig:
             mask_particles_with_zeros=self.mask_particles_with_zeros,
             mask_neighbours=self.mask_neighbours,
             masks_follow_shifts=self.masks_follow_shifts,
+            mask_shift_limit_A=self.mask_shift_limit_A,
             remove_fixed_pattern=self.remove_fixed_pattern,
             max_res_A=max_res,
             notes=tuple(notes),
@@ -433,6 +453,8 @@ class ResolvedParams:
     mask_particles_with_zeros: bool = True
     mask_neighbours: bool = True
     masks_follow_shifts: bool = False
+    #: how far (Å) the masks follow a shift from the pick (``None``: no limit)
+    mask_shift_limit_A: float | None = None
     remove_fixed_pattern: bool = True
     #: the maximum resolution used (``max_res_A``, or its data-dependent default)
     max_res_A: float = DEFAULT_MAX_RES_A

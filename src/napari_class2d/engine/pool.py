@@ -561,8 +561,8 @@ class ParticlePool:
 
         ``centres``: ``(B, 2)`` each particle's current centre (x, y) in working pixels
         from its pick (its shift; default: the pick). With ``masks_follow_shifts`` the
-        particle masks are placed there (see the module's description); the coefficients
-        stay in the pick's frame.
+        particle masks are placed there (see the module's description), at most
+        ``mask_shift_limit_A`` from the pick; the coefficients stay in the pick's frame.
         """
         indices = np.asarray(indices, dtype=np.int64)
         coeffs = np.empty((len(indices), 2, self.grid.n), dtype=np.float16)
@@ -594,6 +594,10 @@ class ParticlePool:
             if centres is None:
                 centres = torch.zeros((len(indices), 2))
             centres = torch.as_tensor(centres, dtype=torch.float32).to(device)
+            if self.params.mask_shift_limit_A is not None:  # no farther than this from the pick
+                limit = self.params.mask_shift_limit_A / self.params.working_pixel_size_A
+                dist = centres.norm(dim=1, keepdim=True)
+                centres = centres * (limit / dist.clamp(min=1e-6)).clamp(max=1.0)
             if self._fill_stack is None:
                 self._fill_stack = torch.stack(self._fills)
             fills = self._fill_stack.to(device)[torch.from_numpy(which).to(device)]
