@@ -206,3 +206,9 @@ def parse_overrides(items: list[str]) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def image_key(names):
+    """``index@stack-file-name`` of a pandas Series of RELION image names (folders
+    dropped), to match the rows of two STAR files that name the same images."""
+    return names.str.split("@").str[0].astype(int).astype(str) + "@" + names.str.split("/").str[-1]

@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import machine, score_summary, write_json
+from _common import image_key, machine, score_summary, write_json
 
 
 def _all_shifts(max_shift_px: float):
@@ -100,14 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     particles = read_particles(sim / "particles.star")
     truth = starfile.read(sim / "truth.star")
 
-    def key(names: pd.Series) -> pd.Series:
-        return (
-            names.str.split("@").str[0].astype(int).astype(str)
-            + "@"
-            + names.str.split("/").str[-1]
-        )
-
-    t = truth.set_index(key(truth.rlnImageName)).loc[key(particles.metadata.rlnImageName)]
+    t = truth.set_index(image_key(truth.rlnImageName)).loc[
+        image_key(particles.metadata.rlnImageName)
+    ]
     n_views = refs.shape[0] - 1
     kind = t.sim_junk_kind.to_numpy()
     label = np.where(kind != "none", n_views, t.sim_view).astype(int)

@@ -25,14 +25,9 @@ import json
 import sys
 from pathlib import Path
 
-from _common import write_json
+from _common import image_key, write_json
 
 THRESHOLDS = (-2.0, -3.0, -4.0, -5.0)
-
-
-def _key(names):
-    """``index@stack-file-name`` of RELION image names (folders dropped)."""
-    return names.str.split("@").str[0].astype(int).astype(str) + "@" + names.str.split("/").str[-1]
 
 
 def junk_where(out: Path) -> dict:
@@ -44,7 +39,7 @@ def junk_where(out: Path) -> dict:
     score = quality.get("score", quality)
     truth = starfile.read(out / "sim" / "truth.star")
     data = starfile.read(out / "class2d" / "run_data.star", always_dict=True)["particles"]
-    t = truth.set_index(_key(truth.rlnImageName)).loc[_key(data.rlnImageName)]
+    t = truth.set_index(image_key(truth.rlnImageName)).loc[image_key(data.rlnImageName)]
     df = pd.DataFrame(
         {
             "cls": data.rlnClassNumber.to_numpy(),
