@@ -231,7 +231,7 @@ def test_masks_follow_the_particle_centre_found_by_the_search(tmp_path):
     write_stack(tmp_path / "stack.mrcs", data=moved, voxel_size=APIX)
     n = len(images)
     centres = np.tile([0.0, 6.0], (n, 1))
-    follow = dict(masks_follow_shifts=True)
+    follow = dict(masks_follow_shifts=True, shift_prior="gaussian")
     at_centre = _cached_images(star, centres, **follow)
     at_pick = _cached_images(star, **follow)
     plain = _cached_images(star, centres, mask_neighbours=False, mask_particles_with_zeros=False)
@@ -262,7 +262,7 @@ def test_mask_shift_limit_bounds_how_far_the_masks_follow(tmp_path):
     star, images, _ = crowded_set(tmp_path)
     n = len(images)
     centres = np.tile([0.0, 6.0], (n, 1))
-    follow = dict(masks_follow_shifts=True)
+    follow = dict(masks_follow_shifts=True, shift_prior="gaussian")
     limited = _cached_images(star, centres, mask_shift_limit_A=2 * APIX, **follow)
     np.testing.assert_allclose(
         limited, _cached_images(star, np.tile([0.0, 2.0], (n, 1)), **follow), atol=1e-5
@@ -281,4 +281,6 @@ def test_mask_shift_limit_bounds_how_far_the_masks_follow(tmp_path):
     with pytest.raises(ConfigError, match="mask_shift_limit_A"):
         Class2DConfig(mask_shift_limit_A=8.0).validate()
     with pytest.raises(ConfigError, match="mask_shift_limit_A"):
-        Class2DConfig(mask_shift_limit_A=-1.0, masks_follow_shifts=True).validate()
+        Class2DConfig(
+            mask_shift_limit_A=-1.0, masks_follow_shifts=True, shift_prior="gaussian"
+        ).validate()

@@ -232,14 +232,14 @@ def test_marginalising_over_poses_sums_over_poses(data, baseline):
 
 def test_masks_follow_shifts_with_a_prior_that_holds_shifts_near_the_picks(data, baseline):
     """``masks_follow_shifts``: the particle masks sit at each particle's current centre
-    and a Gaussian prior on the shifts (RELION's ``sigma_offset``) holds them near their
-    picks; every search stage takes the prior into account."""
+    and the Gaussian prior on the shifts (``shift_prior="gaussian"``, RELION's
+    ``sigma_offset``) holds them near their picks; every search stage takes the prior into
+    account."""
     from napari_class2d.engine.fourier import rotated_coefficients
     from napari_class2d.engine.search import SearchTables, search
 
     job = baseline[0]
     m = job.model
-    assert m._shift_penalty(2.0) == 0.0  # off by default: a uniform prior within the limit
     x, ctf, _ = job.pool.get(np.arange(80))
     table = rotated_coefficients(m.references, m.space.fine_angles_deg, m.align_grid)
     tables = SearchTables.build(table, m.space, m.align_phases)
@@ -262,7 +262,7 @@ def test_masks_follow_shifts_with_a_prior_that_holds_shifts_near_the_picks(data,
     got = mild.class_loglik.gather(1, mild.classes[:, :1])[:, 0]
     torch.testing.assert_close(got[same], expect[same], rtol=1e-5, atol=1e-3)
 
-    follow, _ = run(data[0], masks_follow_shifts=True)
+    follow, _ = run(data[0], masks_follow_shifts=True, shift_prior="gaussian")
     assert purity(data[1], follow.assignments.best_class) >= 0.85
     fm = follow.model
     assert fm._shift_penalty(2.0) > 0.0
@@ -270,6 +270,31 @@ def test_masks_follow_shifts_with_a_prior_that_holds_shifts_near_the_picks(data,
     limit_px = fm.params.max_shift_A / fm.pixel_size_A
     assert np.hypot(*follow.assignments.shift_px.T).max() <= limit_px + 1e-6
     assert not np.allclose(follow.assignments.loglik, job.assignments.loglik)
+
+
+def test_shift_prior_gaussian_or_uniform(data):
+    """``shift_prior``: the Gaussian prior's variance follows the particles' shifts (their
+    mean square per axis, within one working pixel and (max shift / 2)²) and enters the
+    scores; the uniform prior adds nothing; masks that follow the shifts need the
+    Gaussian prior."""
+    # a search limit wide enough that the learned variance stays below its ceiling
+    gauss, _ = run(data[0], shift_prior="gaussian", max_shift_A=25.0)
+    uniform, _ = run(data[0], shift_prior="uniform", max_shift_A=25.0)
+    gm, um = gauss.model, uniform.model
+    assert um._shift_penalty(2.0) == 0.0
+    assert um.sigma2_offset_px == um._max_sigma2_offset_px  # never updated
+    assert gm._shift_penalty(2.0) == pytest.approx(2.0 / (2.0 * gm.sigma2_offset_px))
+    assert 1.0 <= gm.sigma2_offset_px < gm._max_sigma2_offset_px
+    mean_sq = float(np.mean(np.square(gauss.assignments.shift_px)))
+    assert 0.5 * mean_sq <= gm.sigma2_offset_px <= 2.0 * max(mean_sq, 1.0)
+    # the prior holds the particles nearer their picks than a uniform one does
+    assert mean_sq < float(np.mean(np.square(uniform.assignments.shift_px)))
+    assert purity(data[1], gauss.assignments.best_class) >= 0.85
+    assert not np.allclose(gauss.assignments.loglik, uniform.assignments.loglik)
+    with pytest.raises(ConfigError, match="shift_prior"):
+        Class2DConfig(masks_follow_shifts=True, shift_prior="uniform").validate()
+    with pytest.raises(ConfigError, match="shift_prior"):
+        Class2DConfig(shift_prior="laplace").validate()
 
 
 def test_inplane_step_sets_the_angular_grid(data):

@@ -17,6 +17,7 @@ from typing import Literal
 DEFAULT_MAX_RES_A = 6.0
 
 CTFMode = Literal["full", "flip", "off"]
+ShiftPrior = Literal["gaussian", "uniform"]
 StreamMode = Literal["full", "incremental"]
 
 
@@ -95,12 +96,10 @@ class Class2DConfig:
     masks_follow_shifts
         Place the particle masks (circular and neighbour) around each particle's current
         centre, its pick moved by the shift the last iteration found, as RELION masks a
-        particle after moving it by its offset, instead of at the pick (off), with a
-        Gaussian prior on the shifts from the pick (RELION's ``sigma_offset``; variance
-        the mean squared shift per axis, between one working pixel and
-        ``(max_shift_A / 2)²``) that holds the particles near their picks: without it the
-        masks and shifts drift together (on the crowded EMPIAR-10017 β-galactosidase
-        picks the shifts ran to the search limit).
+        particle after moving it by its offset, instead of at the pick (off). Needs
+        ``shift_prior="gaussian"``, which holds the particles near their picks: without it
+        the masks and shifts drift together (on the crowded EMPIAR-10017
+        β-galactosidase picks the shifts ran to the search limit).
     mask_shift_limit_A
         With ``masks_follow_shifts``: the farthest, in Å, that a particle's masks move from
         its pick with its shift; a particle shifted farther has its masks this far from
@@ -139,6 +138,13 @@ class Class2DConfig:
         one pixel of arc at the particle radius at the working box).
     max_shift_A
         Maximum shift searched in Å (``None``: 10 % of the box).
+    shift_prior
+        Prior on each particle's shift from its pick: ``"gaussian"`` (RELION's
+        ``sigma_offset``: a Gaussian around the pick whose variance, the mean squared
+        shift per axis, is learned from the particles' shifts each iteration, between one
+        working pixel and ``(max_shift_A / 2)²``), or ``"uniform"`` (every shift within
+        ``max_shift_A`` equally likely). ``masks_follow_shifts`` needs the Gaussian
+        prior: without it masks and shifts drift together.
     reseed_empty_classes
         Re-seed classes that empty out during the online phase.
     hard_classification_last
@@ -193,6 +199,7 @@ class Class2DConfig:
     force_max_over_poses: bool = True
     inplane_step_deg: float | None = None
     max_shift_A: float | None = None
+    shift_prior: ShiftPrior = "uniform"
     reseed_empty_classes: bool = True
     hard_classification_last: bool = False
     regularisation_factor: float = 2.0
@@ -285,6 +292,17 @@ class Class2DConfig:
             limit is None or (math.isfinite(limit) and limit >= 0),
             "mask_shift_limit_A",
             "must be >= 0 Å (or unset)",
+        )
+        need(
+            self.shift_prior in ("gaussian", "uniform"),
+            "shift_prior",
+            "must be 'gaussian' or 'uniform'",
+        )
+        need(
+            not self.masks_follow_shifts or self.shift_prior == "gaussian",
+            "masks_follow_shifts",
+            "needs shift_prior='gaussian' (with a uniform prior masks and shifts drift "
+            "together to the search limit)",
         )
         need(
             limit is None or self.masks_follow_shifts,
@@ -429,6 +447,7 @@ class Class2DConfig:
             mask_neighbours=self.mask_neighbours,
             masks_follow_shifts=self.masks_follow_shifts,
             mask_shift_limit_A=self.mask_shift_limit_A,
+            shift_prior=self.shift_prior,
             remove_fixed_pattern=self.remove_fixed_pattern,
             max_res_A=max_res,
             notes=tuple(notes),
@@ -455,6 +474,8 @@ class ResolvedParams:
     masks_follow_shifts: bool = False
     #: how far (Å) the masks follow a shift from the pick (``None``: no limit)
     mask_shift_limit_A: float | None = None
+    #: ``"gaussian"``: the learned Gaussian prior on the shifts; ``"uniform"``: none
+    shift_prior: ShiftPrior = "uniform"
     remove_fixed_pattern: bool = True
     #: the maximum resolution used (``max_res_A``, or its data-dependent default)
     max_res_A: float = DEFAULT_MAX_RES_A

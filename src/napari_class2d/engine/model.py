@@ -320,7 +320,7 @@ class Class2DModel:
         #: distributed: the processes' collectives; the job sets it (one process: no-ops)
         self.reducer: Reducer = LOCAL
         #: variance (working px², per axis) of the Gaussian prior on the particles' shifts
-        #: from their picks (with ``masks_follow_shifts``; see :meth:`_update_shift_prior`)
+        #: from their picks (``shift_prior="gaussian"``; see :meth:`_update_shift_prior`)
         self.sigma2_offset_px = self._max_sigma2_offset_px
 
     # -- state for checkpoints ---------------------------------------------------------
@@ -368,13 +368,14 @@ class Class2DModel:
     def _shift_penalty(self, pose_temperature: float) -> float:
         """The shift prior's term per px² in score units (0: uniform within the limit).
 
-        With ``masks_follow_shifts`` a Gaussian prior (variance :attr:`sigma2_offset_px`)
-        holds the particles near their picks, as RELION's ``sigma_offset``: a mask that
-        follows the shift no longer does, and without a prior masks and shifts drift
-        together (on crowded real particles to the search limit). Scores are divided by
-        the pose temperature in the posteriors, so the prior's log enters times it.
+        With ``shift_prior="gaussian"`` a Gaussian prior (variance
+        :attr:`sigma2_offset_px`) holds the particles near their picks, as RELION's
+        ``sigma_offset`` (needed with ``masks_follow_shifts``: without a prior masks and
+        shifts drift together, on crowded real particles to the search limit). Scores are
+        divided by the pose temperature in the posteriors, so the prior's log enters
+        times it.
         """
-        if not self.params.masks_follow_shifts:
+        if self.params.shift_prior != "gaussian":
             return 0.0
         return pose_temperature / (2.0 * self.sigma2_offset_px)
 
@@ -382,7 +383,7 @@ class Class2DModel:
         """Blend the batch's best-pose shifts ``(N, 2)`` px into the prior's variance (the
         mean squared shift per axis, as RELION estimates ``sigma2_offset``), between one
         working pixel and :attr:`_max_sigma2_offset_px`."""
-        if not self.params.masks_follow_shifts or not len(shifts_px):
+        if self.params.shift_prior != "gaussian" or not len(shifts_px):
             return
         batch = float(np.mean(np.square(shifts_px)))  # per axis: the mean of x² and y²
         s2 = (1 - step_size) * self.sigma2_offset_px + step_size * batch
