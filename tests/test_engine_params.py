@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import starfile
 import torch
 
 from napari_class2d.engine.config import Class2DConfig, ConfigError
@@ -272,7 +273,7 @@ def test_masks_follow_shifts_with_a_prior_that_holds_shifts_near_the_picks(data,
     assert not np.allclose(follow.assignments.loglik, job.assignments.loglik)
 
 
-def test_shift_prior_gaussian_or_uniform(data):
+def test_shift_prior_gaussian_or_uniform(data, tmp_path):
     """``shift_prior``: the Gaussian prior's variance follows the particles' shifts (their
     mean square per axis, within one working pixel and (max shift / 2)²) and enters the
     scores; the uniform prior adds nothing; masks that follow the shifts need the
@@ -291,6 +292,13 @@ def test_shift_prior_gaussian_or_uniform(data):
     assert mean_sq < float(np.mean(np.square(uniform.assignments.shift_px)))
     assert purity(data[1], gauss.assignments.best_class) >= 0.85
     assert not np.allclose(gauss.assignments.loglik, uniform.assignments.loglik)
+    # its width is written where RELION keeps its own (run_model.star, Å)
+    general = starfile.read(gauss.write_outputs(tmp_path / "g")["model"])["model_general"]
+    assert general["rlnSigmaOffsetsAngst"] == pytest.approx(
+        math.sqrt(gm.sigma2_offset_px) * gm.pixel_size_A, rel=1e-5
+    )
+    general = starfile.read(uniform.write_outputs(tmp_path / "u")["model"])["model_general"]
+    assert "rlnSigmaOffsetsAngst" not in general
     with pytest.raises(ConfigError, match="shift_prior"):
         Class2DConfig(masks_follow_shifts=True, shift_prior="uniform").validate()
     with pytest.raises(ConfigError, match="shift_prior"):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -595,6 +596,12 @@ class Class2DJob:
         eca = np.bincount(
             a.best_class[visited], weights=a.ess_class[visited], minlength=self.config.n_classes
         ) / np.maximum(counts, 1)
+        general = {
+            "rlnCurrentIteration": self.iteration,
+            "rlnParticleDiameter": m.params.particle_diameter_A,
+        }
+        if m.params.shift_prior == "gaussian":  # the learned prior's width, as RELION's
+            general["rlnSigmaOffsetsAngst"] = math.sqrt(m.sigma2_offset_px) * m.pixel_size_A
         write_model_star(
             paths["model"],
             paths["classes"].name,
@@ -604,10 +611,7 @@ class Class2DJob:
             extra_class_columns={"rlnClassECA": eca},
             overwrite=overwrite,
             original_image_size=m.params.box,
-            extra_general={
-                "rlnCurrentIteration": self.iteration,
-                "rlnParticleDiameter": m.params.particle_diameter_A,
-            },
+            extra_general=general,
         )
         self.lineage.write(paths["lineage"], overwrite=overwrite)
         write_particle_star(
