@@ -22,7 +22,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import MAPS, REPO, machine, map_path, peak_rss_mb, simulate_in_child, write_json
+from _common import (
+    MAPS,
+    REPO,
+    machine,
+    map_path,
+    parse_overrides,
+    peak_rss_mb,
+    simulate_in_child,
+    write_json,
+)
 
 
 class TimedChunks:
@@ -77,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="quality.json of a batch run on the same simulation (skips the batch)",
     )
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Class2DConfig overrides for both jobs (those of the --batch-json run)",
+    )
     args = ap.parse_args(argv)
 
     from napari_class2d.engine.config import Class2DConfig
@@ -112,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         max_res_A=max(6.0, math.ceil(20 * apix) / 10),
         particle_diameter_A=round(1.1 * truth["particle_diameter_A"]),
         seed=args.seed,
+        **parse_overrides(args.set),
     ).validate()
     particles = read_particles(sim_dir / "particles.star")
 
@@ -166,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         out / "streaming.json",
         {
             "results": results,
+            "config": config.to_dict(),
             "log": log,
             "machine": machine(),
             "peak_rss_MB": round(peak_rss_mb()),
