@@ -199,7 +199,7 @@ class Class2DConfig:
     force_max_over_poses: bool = True
     inplane_step_deg: float | None = None
     max_shift_A: float | None = None
-    shift_prior: ShiftPrior = "uniform"
+    shift_prior: ShiftPrior = "gaussian"
     reseed_empty_classes: bool = True
     hard_classification_last: bool = False
     regularisation_factor: float = 2.0
@@ -475,7 +475,7 @@ class ResolvedParams:
     #: how far (Å) the masks follow a shift from the pick (``None``: no limit)
     mask_shift_limit_A: float | None = None
     #: ``"gaussian"``: the learned Gaussian prior on the shifts; ``"uniform"``: none
-    shift_prior: ShiftPrior = "uniform"
+    shift_prior: ShiftPrior = "gaussian"
     remove_fixed_pattern: bool = True
     #: the maximum resolution used (``max_res_A``, or its data-dependent default)
     max_res_A: float = DEFAULT_MAX_RES_A

@@ -362,8 +362,9 @@ class Class2DModel:
 
     @property
     def _max_sigma2_offset_px(self) -> float:
-        """The shift prior's widest variance: the search limit at two standard deviations."""
-        return (self.params.max_shift_A / self.pixel_size_A / 2.0) ** 2
+        """The shift prior's widest variance: the search limit at two standard deviations
+        (at least one working pixel: with ``max_shift_A = 0`` nothing is shifted)."""
+        return max((self.params.max_shift_A / self.pixel_size_A / 2.0) ** 2, 1.0)
 
     def _shift_penalty(self, pose_temperature: float) -> float:
         """The shift prior's term per px² in score units (0: uniform within the limit).
