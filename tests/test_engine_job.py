@@ -106,6 +106,26 @@ def test_stop_and_resume_gives_the_uninterrupted_result(data, tmp_path):
     assert_uninterrupted_result(resumed, ps)
 
 
+def test_checkpoint_from_before_the_shift_prior_resumes_with_a_uniform_prior(data, tmp_path):
+    """A checkpoint written before ``shift_prior`` existed (a uniform prior unless masks
+    followed the shifts) resumes with the prior it was started with, not the new default."""
+    import torch
+
+    ps = data[0]
+    cfg = Class2DConfig(**SMALL, shift_prior="uniform")
+    stop_after_two_iterations(ps, cfg, tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    document = json.loads(saved["json"])
+    del document["config"]["shift_prior"]
+    torch.save({"json": json.dumps(document), "tensors": saved["tensors"]}, path)
+    resumed = Class2DJob(ps, Class2DConfig(**SMALL), out_dir=tmp_path, resume=True)
+    list(resumed.run())
+    assert resumed.config.shift_prior == "uniform"
+    straight, _ = run(ps, shift_prior="uniform")
+    assert np.array_equal(resumed.assignments.best_class, straight.assignments.best_class)
+
+
 def test_checkpoint_without_the_shown_averages_resumes(data, tmp_path):
     """A checkpoint written before the shown class averages were kept (they are derived
     from the statistics) resumes, and the job ends as the uninterrupted one."""

@@ -662,7 +662,11 @@ class Class2DJob:
 
     def _load_checkpoint(self) -> None:
         document, tensors = checkpoint.load(self.out_dir / CHECKPOINT)
-        saved = Class2DConfig.from_dict(document["config"])
+        stored = dict(document["config"])
+        if "shift_prior" not in stored:  # written before shift_prior was a parameter: the
+            # Gaussian prior came only with masks that follow the shifts
+            stored["shift_prior"] = "gaussian" if stored.get("masks_follow_shifts") else "uniform"
+        saved = Class2DConfig.from_dict(stored)
         if saved.replace(device=self.config.device) != self.config.replace(
             device=saved.device, memory_budget_GB=saved.memory_budget_GB
         ):
