@@ -80,7 +80,8 @@ def test_visible_files_are_always_complete(sim, tmp_path):
     elapsed = time.monotonic() - t0
     assert problems == []
     assert len(written) == 8 and len(seen) == 16
-    assert elapsed == pytest.approx(160 / 800.0, abs=0.15)  # the requested rate
+    # paced at the requested rate: never faster; slower only by what a busy machine adds
+    assert 160 / 800.0 - 0.02 <= elapsed < 160 / 800.0 + 1.0
     assert not [p for p in os.listdir(watch) if p.startswith(".")]  # no temp files left
     for star in written:
         src = sim.out_dir / "stacks" / star.name

@@ -51,15 +51,15 @@ class Ticker:
         self.timer.timeout.connect(lambda: self.times.append(time.perf_counter()))
         self.timer.start(interval_ms)
 
-    def stop(self, busy=()) -> float:
-        """Longest gap between ticks that does not overlap a ``busy`` (start, end) window."""
+    def stop(self, busy=()) -> np.ndarray:
+        """Gaps (s) between ticks that do not overlap a ``busy`` (start, end) window."""
         self.timer.stop()
         t = np.asarray(self.times)
         gaps = []
         for a, b in zip(t[:-1], t[1:], strict=True):
             if not any(s < b and e > a for s, e in busy):
                 gaps.append(b - a)
-        return float(max(gaps)) if gaps else np.inf
+        return np.asarray(gaps)
 
 
 def _watch_layer_data(viewer, name):
@@ -86,7 +86,18 @@ def _images(table, folder):
 
 
 @pytest.mark.slow
-def test_batch_job_live_layers_selection_export(make_napari_viewer, qtbot, sim_star, tmp_path):
+def test_batch_job_live_layers_selection_export(
+    make_napari_viewer, qtbot, sim_star, tmp_path, monkeypatch
+):
+    # the thread the job's generator runs in (observed, not replaced)
+    job_threads = []
+    run_job = job_widget._run_job
+
+    def observed_run_job(runner):
+        job_threads.append(threading.get_ident())
+        yield from run_job(runner)
+
+    monkeypatch.setattr(job_widget, "_run_job", observed_run_job)
     viewer = make_napari_viewer()
     (layer,) = viewer.open(str(sim_star), plugin="napari-class2d")
     assert META_PARTICLES in layer.metadata
@@ -100,16 +111,21 @@ def test_batch_job_live_layers_selection_export(make_napari_viewer, qtbot, sim_s
     run = w.start()
     qtbot.waitUntil(lambda: not w.running, timeout=120_000)
     # the gaps outside the main thread's own drawing show whether the job blocks the GUI
-    max_gap = ticker.stop(busy=w.draw_windows)
+    gaps = ticker.stop(busy=w.draw_windows)
     n_ticks = len(ticker.times)
 
     assert [s.iteration for s in run.snapshots] == [1, 2, 3, 4]
     assert [s.phase for s in run.snapshots] == ["online"] * 3 + ["full"]
-    # the GUI kept running while the job computed: never frozen for a quarter of the job
-    # (a job on the main thread freezes it throughout) nor for 5 s. A fixed 1 s bound
-    # failed once on a slowed CI machine (one 2.5 s pause in a job otherwise responsive)
+    # the job computed in a worker thread, never on the GUI's
+    assert job_threads and threading.main_thread().ident not in job_threads
+    # and the GUI kept running meanwhile: a job on the main thread freezes it for the whole
+    # job; here pauses of more than 0.25 s (outside the widget's own drawing) add up to
+    # less than half of it. Bounds on the single longest pause (1 s, then a quarter of the
+    # job) each failed once on a slowed 2-core CI machine (1.5 s and 2.5 s pauses in jobs
+    # otherwise responsive: the worker holds the GIL between torch calls)
     span = ticker.times[-1] - ticker.times[0]
-    assert max_gap < min(5.0, 0.25 * span), f"event loop blocked for {max_gap:.2f} of {span:.1f} s"
+    frozen = float(gaps[gaps > 0.25].sum())
+    assert frozen < 0.5 * span, f"event loop blocked for {frozen:.2f} of {span:.1f} s"
     assert n_ticks >= 5  # enough ticks observed for the gap check to mean something
     draw_s = [e - s for s, e in w.draw_windows]
     # updating the layers in place is quick (the median: one update can be held up by
