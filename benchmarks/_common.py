@@ -196,8 +196,45 @@ def _simulate(out_dir: str, kwargs: dict) -> dict:
     return {"seconds": res.seconds, "particles_star": str(res.particles_star)}
 
 
+def _config_fields() -> set[str]:
+    from dataclasses import fields
+
+    from napari_class2d.engine.config import Class2DConfig
+
+    return {f.name for f in fields(Class2DConfig)}
+
+
+def _override_item(item: str) -> str:
+    """argparse type of one ``--set`` item: ``KEY=VALUE`` with KEY a Class2DConfig field."""
+    import argparse
+
+    key, sep, _ = item.partition("=")
+    known = _config_fields()
+    if not sep or key not in known:
+        raise argparse.ArgumentTypeError(
+            f"{item!r}: expected KEY=VALUE with KEY one of Class2DConfig's fields "
+            f"({', '.join(sorted(known))})"
+        )
+    return item
+
+
+def add_set_argument(parser, help: str = "Class2DConfig overrides") -> None:
+    """The ``--set KEY=VALUE ...`` option every benchmark takes; a wrong item is refused
+    when the arguments are parsed (before any simulation or job). Read it with
+    :func:`parse_overrides`."""
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        type=_override_item,
+        metavar="KEY=VALUE",
+        help=f"{help}, e.g. --set seed=1 shift_prior=uniform (values parsed as JSON)",
+    )
+
+
 def parse_overrides(items: list[str]) -> dict:
-    """``key=value`` strings to a dict of Class2DConfig overrides (values parsed as JSON)."""
+    """``key=value`` strings to a dict of Class2DConfig overrides (values parsed as JSON,
+    else kept as strings)."""
     out = {}
     for item in items or []:
         key, _, value = item.partition("=")

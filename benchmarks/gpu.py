@@ -30,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _common import REPO, machine, parse_overrides, simulate_in_child, write_json
+from _common import REPO, add_set_argument, machine, parse_overrides, simulate_in_child, write_json
 from _jobrun import engine_commit, folder_bytes
 
 HERE = Path(__file__).resolve().parent
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nproc", type=int, nargs="+", default=None, help="default: 1 and all GPUs")
     ap.add_argument("--base-n", type=int, default=6000)
     ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "gpu")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    add_set_argument(ap)
     ap.add_argument("--keep-cache", action="store_true")
     ap.add_argument(
         "--profile-iteration",

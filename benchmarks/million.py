@@ -33,7 +33,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from _common import REPO, machine, parse_overrides, simulate_in_child, write_json
+from _common import REPO, add_set_argument, machine, parse_overrides, simulate_in_child, write_json
 from _jobrun import engine_commit, folder_bytes
 from scale import _replicate
 
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subset", type=int, default=20000, help="particles of the K runs")
     ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "million")
     ap.add_argument("--keep-cache", action="store_true", help="keep each run's particle cache")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    add_set_argument(ap)
     args = ap.parse_args(argv)
 
     sim_dir = args.out / "sim"

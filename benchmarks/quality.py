@@ -27,6 +27,7 @@ from pathlib import Path
 from _common import (
     MAPS,
     REPO,
+    add_set_argument,
     machine,
     map_path,
     parse_overrides,
@@ -58,13 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="also score the outputs of every N-th iteration (shows views appearing or vanishing)",
     )
-    ap.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Class2DConfig overrides, e.g. --set n_online_em_iterations=10",
-    )
+    add_set_argument(ap)
     args = ap.parse_args(argv)
 
     preset = MAPS[args.map]

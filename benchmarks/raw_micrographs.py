@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import REPO, machine, parse_overrides, peak_rss_mb, write_json
+from _common import REPO, add_set_argument, machine, parse_overrides, peak_rss_mb, write_json
 from _realdata import (
     class_gallery,
     classify,
@@ -267,9 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--png", type=Path, default=None, help="class picture")
     ap.add_argument("--picks-png", type=Path, default=None)
-    ap.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="Class2DConfig overrides"
-    )
+    add_set_argument(ap)
     args = ap.parse_args(argv)
 
     import torch

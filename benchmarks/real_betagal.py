@@ -51,7 +51,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import REPO, SHARED_DATA, machine, parse_overrides, peak_rss_mb, write_json
+from _common import (
+    REPO,
+    SHARED_DATA,
+    add_set_argument,
+    machine,
+    parse_overrides,
+    peak_rss_mb,
+    write_json,
+)
 from _realdata import (
     classify,
     equivalent_diameter_A,
@@ -543,9 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--png", type=Path, default=None)
     ap.add_argument("--title", default=None)
-    ap.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="Class2DConfig overrides"
-    )
+    add_set_argument(ap)
     args = ap.parse_args(argv)
 
     import torch

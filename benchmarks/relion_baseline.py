@@ -45,7 +45,14 @@ import sys
 import time
 from pathlib import Path
 
-from _common import machine, parse_overrides, peak_rss_mb, score_summary, write_json
+from _common import (
+    add_set_argument,
+    machine,
+    parse_overrides,
+    peak_rss_mb,
+    score_summary,
+    write_json,
+)
 
 
 def relion_command(particles: str, out_prefix: Path, args, diameter_A: float) -> list[str]:
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run and score our default schedule on the same particles",
     )
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="our overrides")
+    add_set_argument(ap, help="our overrides")
     ap.add_argument(
         "--reuse-relion", action="store_true", help="score the RELION run already in DIR/relion"
     )

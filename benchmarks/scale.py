@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, machine, parse_overrides, simulate_in_child, write_json
+from _common import REPO, add_set_argument, machine, parse_overrides, simulate_in_child, write_json
 
 
 def _folder_size(path: Path) -> int:
@@ -93,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", type=int, default=50)
     ap.add_argument("--n", type=int, default=6000, help="particles in the base simulation")
     ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "scale")
-    ap.add_argument(
-        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="Class2DConfig overrides"
-    )
+    add_set_argument(ap)
     args = ap.parse_args(argv)
 
     sim_dir = args.out / "sim"

@@ -29,7 +29,15 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO, machine, parse_overrides, peak_rss_mb, simulate_in_child, write_json
+from _common import (
+    REPO,
+    add_set_argument,
+    machine,
+    parse_overrides,
+    peak_rss_mb,
+    simulate_in_child,
+    write_json,
+)
 
 
 def _best_of(fn, repeats: int = 3, min_time: float = 0.3) -> float:
@@ -141,13 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", type=int, default=50)
     ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "speed")
     ap.add_argument("--no-engine", action="store_true", help="only FFT and GEMM")
-    ap.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Class2DConfig overrides for the engine run",
-    )
+    add_set_argument(ap, help="Class2DConfig overrides for the engine run")
     args = ap.parse_args(argv)
 
     sim_dir = args.out / "sim"

@@ -25,6 +25,7 @@ import numpy as np
 from _common import (
     MAPS,
     REPO,
+    add_set_argument,
     machine,
     map_path,
     parse_overrides,
@@ -86,12 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="quality.json of a batch run on the same simulation (skips the batch)",
     )
-    ap.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Class2DConfig overrides for both jobs (those of the --batch-json run)",
+    add_set_argument(
+        ap, help="Class2DConfig overrides for both jobs (those of the --batch-json run)"
     )
     args = ap.parse_args(argv)
 
