@@ -36,9 +36,17 @@ Usage::
 
     python benchmarks/real_betagal.py [--out DIR] [--reuse] [--reuse-job] [--n N]
         [--classes 50] [--seed 0] [--set KEY=VALUE ...] [--threads T] [--png PNG]
+        [--relion [--relion-iter 25]]
 
 ``--reuse-job`` measures the classification already in ``OUT/class2d`` again without
-re-running it; ``--n N`` takes the first N particles only.
+re-running it; ``--n N`` takes the first N particles only. ``--relion`` classifies the same
+particles with RELION 3.1's Class2D instead (``relion_refine`` as its GUI runs a Class2D job,
+:func:`relion_baseline.relion_command`, without CTF correction since the particles have
+none; K, seed and threads from ``--classes``, ``--seed``, ``--threads``; in ``OUT/relion``)
+and judges its last iteration the same way: the established tool on the same particles, so
+that our figures have a peer. The input RELION reads is the extracted STAR without the
+tutorial's class numbers (``OUT/particles/relion_input.star``); with ``--reuse-job`` a run
+already there is judged at the last iteration it finished.
 """
 
 from __future__ import annotations
@@ -121,6 +129,80 @@ def extract(out: Path, n: int | None, reuse: bool) -> Path:
     subprocess.run(cmd, check=True)
     stamp.write_text(json.dumps(want))
     return star
+
+
+def run_relion(star: Path, out: Path, args) -> tuple[Path, dict]:
+    """RELION 3.1's Class2D on the particles of ``star`` (see the module docstring).
+
+    Returns the folder to judge (the last finished iteration's files linked as
+    ``run_data.star``, ``run_classes.mrcs`` and ``run_model.star``) and the run's record.
+    """
+    import glob
+    import re
+    import shutil
+    import types
+
+    import starfile
+    from relion_baseline import relion_command
+
+    rel = out / "relion"
+    prefix = rel / "run"
+    record_path = rel / "relion_run.json"
+    if not (args.reuse_job and record_path.is_file()):
+        if shutil.which("relion_refine") is None:
+            sys.exit("relion_refine not found: install RELION (Debian: apt-get install relion)")
+        tables = starfile.read(star, always_dict=True)
+        theirs = ("rlnClassNumber", "rlnAutopickFigureOfMerit")  # the tutorial's, not an input
+        tables["particles"] = tables["particles"].drop(columns=list(theirs), errors="ignore")
+        given = star.parent / "relion_input.star"  # beside the stacks its image names point to
+        starfile.write(tables, given, overwrite=True)
+        rel.mkdir(parents=True, exist_ok=True)
+        options = types.SimpleNamespace(
+            iter=args.relion_iter,
+            classes=args.classes,
+            threads=args.threads or 1,
+            seed=args.seed,
+            extra="",
+        )
+        cmd = [c for c in relion_command(given.name, prefix, options, DIAMETER_A) if c != "--ctf"]
+        print("running:", " ".join(cmd), flush=True)
+        t0, c0 = time.perf_counter(), _children_cpu_s()
+        with open(rel / "relion.log", "w") as log:
+            subprocess.run(cmd, cwd=star.parent, check=True, stdout=log, stderr=subprocess.STDOUT)
+        record = {
+            "command": cmd,
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "cpu_s": round(_children_cpu_s() - c0, 1),
+            "program": "relion_refine (RELION 3.1)",
+        }
+        write_json(record_path, record)
+    record = json.loads(record_path.read_text())
+    done = sorted(
+        int(re.search(r"_it(\d+)_model\.star$", f).group(1))
+        for f in glob.glob(str(prefix) + "_it*_model.star")
+    )
+    if not done:
+        sys.exit(f"no finished RELION iteration in {rel}")
+    it = done[-1]
+    record["iteration"] = it
+    judged = out / "relion_judged"
+    judged.mkdir(exist_ok=True)
+    for ours, theirs in (
+        ("run_data.star", f"_it{it:03d}_data.star"),
+        ("run_classes.mrcs", f"_it{it:03d}_classes.mrcs"),
+        ("run_model.star", f"_it{it:03d}_model.star"),
+    ):
+        link = judged / ours
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path(str(prefix) + theirs).resolve())
+    return judged, record
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def engine_version() -> dict:
@@ -552,6 +634,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--png", type=Path, default=None)
     ap.add_argument("--title", default=None)
     add_set_argument(ap)
+    ap.add_argument(
+        "--relion",
+        action="store_true",
+        help="classify with RELION 3.1's Class2D (GUI defaults, no CTF) instead, in OUT/relion",
+    )
+    ap.add_argument("--relion-iter", type=int, default=25, help="RELION iterations (25)")
     args = ap.parse_args(argv)
 
     import torch
@@ -564,7 +652,11 @@ def main(argv: list[str] | None = None) -> int:
     json_path = out / "real_betagal.json"
 
     run_path = job_dir / "classification.json"
-    if args.reuse_job and (job_dir / "run_data.star").is_file() and run_path.is_file():
+    if args.relion:
+        job_dir, run = run_relion(star, out, args)
+        json_path = out / "real_betagal_relion.json"
+        print(f"judging RELION's iteration {run['iteration']} ({run['wall_s']} s)", flush=True)
+    elif args.reuse_job and (job_dir / "run_data.star").is_file() and run_path.is_file():
         run = json.loads(run_path.read_text())
         print(f"reusing the classification in {job_dir} ({run['wall_s']} s)", flush=True)
     else:
@@ -631,8 +723,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{e['our_class_by_image']:3d} ({e['image_score']:.2f}, "
             f"{e['share_in_class_by_image']:.2f})"
         )
+    who = "RELION 3.1, " if args.relion else ""
     title = args.title or (
-        f"β-gal (EMPIAR-10017, {s['n_particles']} tutorial particles), K = {s['n_classes']}: "
+        f"{who}β-gal (EMPIAR-10017, {s['n_particles']} tutorial particles), K = {s['n_classes']}: "
         f"{s['classes_populated']} populated, {s['classes_with_20_or_more']} with ≥ 20, "
         f"{s['noise_textures_among_populated']} noise textures; NMI with RELION {s['nmi']:.3f}"
         f"\neach class (n particles, noise-texture check) | its best tutorial average | its best "
@@ -640,7 +733,10 @@ def main(argv: list[str] | None = None) -> int:
         f"margin over a round blob's best ({base_t:.2f} | {base_p:.2f}); green: better than the "
         f"blob"
     )
-    png = montage(result, args.png or out / "real_betagal_classes.png", title)
+    default_png = out / (
+        "real_betagal_relion_classes.png" if args.relion else "real_betagal_classes.png"
+    )
+    png = montage(result, args.png or default_png, title)
     print(f"wrote {json_path} and {png}")
     return 0
 
