@@ -148,7 +148,8 @@ def run_relion(star: Path, out: Path, args) -> tuple[Path, dict]:
     rel = out / "relion"
     prefix = rel / "run"
     record_path = rel / "relion_run.json"
-    if not (args.reuse_job and record_path.is_file()):
+    started = bool(glob.glob(str(prefix) + "_it*_model.star"))
+    if not (args.reuse_job and (record_path.is_file() or started)):
         if shutil.which("relion_refine") is None:
             sys.exit("relion_refine not found: install RELION (Debian: apt-get install relion)")
         tables = starfile.read(star, always_dict=True)
@@ -176,11 +177,15 @@ def run_relion(star: Path, out: Path, args) -> tuple[Path, dict]:
             "program": "relion_refine (RELION 3.1)",
         }
         write_json(record_path, record)
-    record = json.loads(record_path.read_text())
+    # a run still going (or stopped) has no record yet: judged without its times
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record.setdefault("wall_s", None)
+    record.setdefault("cpu_s", None)
     done = sorted(
         int(re.search(r"_it(\d+)_model\.star$", f).group(1))
         for f in glob.glob(str(prefix) + "_it*_model.star")
     )
+    done = [i for i in done if i > 0]  # iteration 0: the start, no particle has a class yet
     if not done:
         sys.exit(f"no finished RELION iteration in {rel}")
     it = done[-1]
