@@ -307,6 +307,48 @@ def test_shift_prior_gaussian_or_uniform(data, tmp_path):
         Class2DConfig(shift_prior="laplace").validate()
 
 
+def _split_between_twins(job, share_0: float) -> np.ndarray:
+    """Soft counts of one E-step over every particle after class 1 is made a copy of
+    class 0 whose prior (learned share) is a tenth of class 0's ``share_0``."""
+    from napari_class2d.engine.model import ParticleAssignments
+
+    m = job.model
+    k = m.config.n_classes
+    for stats in (m.num, m.den):
+        stats[:, 1] = stats[:, 0]
+    m.tau2[1] = m.tau2[0]
+    m.references[1] = m.references[0]
+    prior = torch.full((k,), (1.0 - 1.1 * share_0) / (k - 2))
+    prior[0], prior[1] = share_0, share_0 / 10
+    m.prior = prior / prior.sum()
+    idx = np.arange(job.pool.n)
+    stats = m.iterate(
+        job.pool, idx, ParticleAssignments.empty(job.pool.n), 1.0, 1.0, False, False, job.rng
+    )
+    return stats.counts_soft
+
+
+def test_class_prior_learned_or_uniform(data):
+    """``class_prior``: with the learned class shares a particle that two classes fit
+    equally well goes mostly to the larger one (in proportion to the shares); with a
+    uniform prior the two are chosen by their fit alone, so it is shared equally."""
+    learned, _ = run(data[0])
+    uniform, _ = run(data[0], class_prior="uniform")
+    m = uniform.model
+    assert torch.equal(m._log_class_prior(), torch.zeros(m.config.n_classes))
+    lm = learned.model
+    torch.testing.assert_close(lm._log_class_prior(), torch.log(lm.prior))
+    assert purity(data[1], uniform.assignments.best_class) >= 0.85
+    # twins: class 1 a copy of class 0 with a tenth of its share
+    c_learned = _split_between_twins(learned, 0.5)
+    c_uniform = _split_between_twins(uniform, 0.5)
+    assert c_learned[0] > 0  # the view class 0 held is fitted by both twins
+    assert c_learned[1] / c_learned[0] == pytest.approx(0.1, abs=0.02)
+    assert c_uniform[1] / c_uniform[0] == pytest.approx(1.0, abs=0.02)
+    with pytest.raises(ConfigError, match="class_prior"):
+        Class2DConfig(class_prior="dirichlet").validate()
+
+
 def test_inplane_step_sets_the_angular_grid(data):
     job, _ = run(data[0], inplane_step_deg=10.0)
     psi = job.assignments.psi_deg

@@ -18,6 +18,7 @@ DEFAULT_MAX_RES_A = 6.0
 
 CTFMode = Literal["full", "flip", "off"]
 ShiftPrior = Literal["gaussian", "uniform"]
+ClassPrior = Literal["learned", "uniform"]
 StreamMode = Literal["full", "incremental"]
 
 
@@ -145,6 +146,15 @@ class Class2DConfig:
         working pixel and ``(max_shift_A / 2)²``), or ``"uniform"`` (every shift within
         ``max_shift_A`` equally likely). ``masks_follow_shifts`` needs the Gaussian
         prior: without it masks and shifts drift together.
+    class_prior
+        Prior probability of each class in the particles' class posteriors:
+        ``"learned"`` (RELION's ``pdf_class``: each class's share of the particles, learned
+        each iteration, so a particle that fits several classes about equally goes to the
+        larger one) or ``"uniform"`` (every class equally likely a priori, so a class is
+        chosen by how well it fits, whatever its size: junk that fits a small junk class
+        no worse than a large view class is no longer drawn into the view). The learned
+        shares are still written (``rlnClassDistribution``) and still decide which
+        classes are empty and re-seeded.
     reseed_empty_classes
         Re-seed classes that empty out during the online phase.
     hard_classification_last
@@ -200,6 +210,7 @@ class Class2DConfig:
     inplane_step_deg: float | None = None
     max_shift_A: float | None = None
     shift_prior: ShiftPrior = "gaussian"
+    class_prior: ClassPrior = "learned"
     reseed_empty_classes: bool = True
     hard_classification_last: bool = False
     regularisation_factor: float = 2.0
@@ -297,6 +308,11 @@ class Class2DConfig:
             self.shift_prior in ("gaussian", "uniform"),
             "shift_prior",
             "must be 'gaussian' or 'uniform'",
+        )
+        need(
+            self.class_prior in ("learned", "uniform"),
+            "class_prior",
+            "must be 'learned' or 'uniform'",
         )
         need(
             not self.masks_follow_shifts or self.shift_prior == "gaussian",

@@ -666,6 +666,7 @@ class Class2DJob:
         if "shift_prior" not in stored:  # written before shift_prior was a parameter: the
             # Gaussian prior came only with masks that follow the shifts
             stored["shift_prior"] = "gaussian" if stored.get("masks_follow_shifts") else "uniform"
+        stored.setdefault("class_prior", "learned")  # before class_prior: the learned shares
         saved = Class2DConfig.from_dict(stored)
         if saved.replace(device=self.config.device) != self.config.replace(
             device=saved.device, memory_budget_GB=saved.memory_budget_GB

@@ -366,6 +366,14 @@ class Class2DModel:
         (at least one working pixel: with ``max_shift_A = 0`` nothing is shifted)."""
         return max((self.params.max_shift_A / self.pixel_size_A / 2.0) ** 2, 1.0)
 
+    def _log_class_prior(self) -> torch.Tensor:
+        """``(K,)`` log prior of each class in the class posteriors: the learned class
+        shares (``class_prior="learned"``, RELION's ``pdf_class``) or 0 for every class
+        (``"uniform"``: a class is chosen by its fit alone, whatever its size)."""
+        if self.config.class_prior == "uniform":
+            return torch.zeros_like(self.prior)
+        return torch.log(self.prior.clamp(min=1e-12))
+
     def _shift_penalty(self, pose_temperature: float) -> float:
         """The shift prior's term per px² in score units (0: uniform within the limit).
 
@@ -548,7 +556,7 @@ class Class2DModel:
         weight = self._weight()
         w_align = weight * space.align_band
         band = space.align_index  # (positions, not a mask: no GPU sync per chunk)
-        log_prior = torch.log(self.prior.clamp(min=1e-12))
+        log_prior = self._log_class_prior()
         shift_penalty = self._shift_penalty(pose_temperature)
         chunk = self._chunk(pool, space)
         n = len(indices)
