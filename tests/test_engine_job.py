@@ -107,8 +107,9 @@ def test_stop_and_resume_gives_the_uninterrupted_result(data, tmp_path):
 
 
 def test_checkpoint_from_before_the_shift_prior_resumes_with_a_uniform_prior(data, tmp_path):
-    """A checkpoint written before ``shift_prior`` existed (a uniform prior unless masks
-    followed the shifts) resumes with the prior it was started with, not the new default."""
+    """A checkpoint written before ``shift_prior`` and ``class_prior`` existed (a uniform
+    shift prior unless masks followed the shifts; the learned class shares) resumes with
+    the priors it was started with, not the new default nor what the resume asks for."""
     import torch
 
     ps = data[0]
@@ -117,11 +118,15 @@ def test_checkpoint_from_before_the_shift_prior_resumes_with_a_uniform_prior(dat
     path = tmp_path / "checkpoint.pt"
     saved = torch.load(path, weights_only=True)
     document = json.loads(saved["json"])
-    del document["config"]["shift_prior"]
+    del document["config"]["shift_prior"], document["config"]["class_prior"]
     torch.save({"json": json.dumps(document), "tensors": saved["tensors"]}, path)
-    resumed = Class2DJob(ps, Class2DConfig(**SMALL), out_dir=tmp_path, resume=True)
+    resumed = Class2DJob(
+        ps, Class2DConfig(**SMALL, class_prior="uniform"), out_dir=tmp_path, resume=True
+    )
     list(resumed.run())
     assert resumed.config.shift_prior == "uniform"
+    # nor before class_prior existed: the learned class shares, whatever is asked now
+    assert resumed.config.class_prior == "learned"
     straight, _ = run(ps, shift_prior="uniform")
     assert np.array_equal(resumed.assignments.best_class, straight.assignments.best_class)
 
