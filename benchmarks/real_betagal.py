@@ -150,6 +150,8 @@ def run_relion(star: Path, out: Path, args) -> tuple[Path, dict]:
     record_path = rel / "relion_run.json"
     started = bool(glob.glob(str(prefix) + "_it*_model.star"))
     if not (args.reuse_job and (record_path.is_file() or started)):
+        if started:  # never over a run already there
+            sys.exit(f"{rel} holds a RELION run: --reuse-job judges it, or remove it first")
         if shutil.which("relion_refine") is None:
             sys.exit("relion_refine not found: install RELION (Debian: apt-get install relion)")
         tables = starfile.read(star, always_dict=True)
