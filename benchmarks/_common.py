@@ -54,6 +54,12 @@ def peak_rss_mb(children: bool = False) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+def children_cpu_s() -> float:
+    """User and system CPU time of this process's finished children, s."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 class MemorySampler:
     """Peak anonymous and file-backed resident memory of this process, MiB (Linux).
 

@@ -63,6 +63,7 @@ from _common import (
     REPO,
     SHARED_DATA,
     add_set_argument,
+    children_cpu_s,
     machine,
     parse_overrides,
     peak_rss_mb,
@@ -137,18 +138,16 @@ def run_relion(star: Path, out: Path, args) -> tuple[Path, dict]:
     Returns the folder to judge (the last finished iteration's files linked as
     ``run_data.star``, ``run_classes.mrcs`` and ``run_model.star``) and the run's record.
     """
-    import glob
-    import re
     import shutil
     import types
 
     import starfile
-    from relion_baseline import relion_command
+    from relion_baseline import model_file_times, relion_command
 
     rel = out / "relion"
     prefix = rel / "run"
     record_path = rel / "relion_run.json"
-    started = bool(glob.glob(str(prefix) + "_it*_model.star"))
+    started = bool(model_file_times(prefix, args.relion_iter))
     if not (args.reuse_job and (record_path.is_file() or started)):
         if started:  # never over a run already there
             sys.exit(f"{rel} holds a RELION run: --reuse-job judges it, or remove it first")
@@ -169,13 +168,13 @@ def run_relion(star: Path, out: Path, args) -> tuple[Path, dict]:
         )
         cmd = [c for c in relion_command(given.name, prefix, options, DIAMETER_A) if c != "--ctf"]
         print("running:", " ".join(cmd), flush=True)
-        t0, c0 = time.perf_counter(), _children_cpu_s()
+        t0, c0 = time.perf_counter(), children_cpu_s()
         with open(rel / "relion.log", "w") as log:
             subprocess.run(cmd, cwd=star.parent, check=True, stdout=log, stderr=subprocess.STDOUT)
         record = {
             "command": cmd,
             "wall_s": round(time.perf_counter() - t0, 1),
-            "cpu_s": round(_children_cpu_s() - c0, 1),
+            "cpu_s": round(children_cpu_s() - c0, 1),
             "program": "relion_refine (RELION 3.1)",
         }
         write_json(record_path, record)
@@ -183,14 +182,10 @@ def run_relion(star: Path, out: Path, args) -> tuple[Path, dict]:
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     record.setdefault("wall_s", None)
     record.setdefault("cpu_s", None)
-    done = sorted(
-        int(re.search(r"_it(\d+)_model\.star$", f).group(1))
-        for f in glob.glob(str(prefix) + "_it*_model.star")
-    )
-    done = [i for i in done if i > 0]  # iteration 0: the start, no particle has a class yet
-    if not done:
+    # iteration 0 is the start: no particle has a class yet
+    it = len(model_file_times(prefix, args.relion_iter)) - 1
+    if it < 1:
         sys.exit(f"no finished RELION iteration in {rel}")
-    it = done[-1]
     record["iteration"] = it
     judged = out / "relion_judged"
     judged.mkdir(exist_ok=True)
@@ -203,13 +198,6 @@ def run_relion(star: Path, out: Path, args) -> tuple[Path, dict]:
         link.unlink(missing_ok=True)
         link.symlink_to(Path(str(prefix) + theirs).resolve())
     return judged, record
-
-
-def _children_cpu_s() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def engine_version() -> dict:

@@ -55,6 +55,14 @@ from _common import (
 )
 
 
+def model_file_times(prefix: Path, iterations: int) -> list[float]:
+    """When RELION wrote ``PREFIX_itNNN_model.star`` for iterations 0, 1, ... (those it
+    has written so far, up to ``iterations``): the run's progress and its iterations'
+    times, for a run finished, stopped or still going."""
+    models = [Path(f"{prefix}_it{i:03d}_model.star") for i in range(iterations + 1)]
+    return [m.stat().st_mtime for m in models if m.exists()]
+
+
 def relion_command(particles: str, out_prefix: Path, args, diameter_A: float) -> list[str]:
     """``relion_refine`` as the RELION GUI runs a Class2D job with its default settings."""
     return [
@@ -170,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"relion_refine failed (exit {done.returncode}); see {job / 'relion.log'}")
     # iteration boundaries: when RELION wrote each iteration's model (a stopped run is
     # scored at the last iteration it finished)
-    models = [job / f"run_it{i:03d}_model.star" for i in range(args.iter + 1)]
-    stamps = [m.stat().st_mtime for m in models if m.exists()]
+    stamps = model_file_times(job / "run", args.iter)
     reached = len(stamps) - 1
     if reached < 1:
         sys.exit(f"no finished RELION iteration in {job}")

@@ -106,7 +106,7 @@ def test_stop_and_resume_gives_the_uninterrupted_result(data, tmp_path):
     assert_uninterrupted_result(resumed, ps)
 
 
-def test_checkpoint_from_before_the_shift_prior_resumes_with_a_uniform_prior(data, tmp_path):
+def test_checkpoint_from_before_the_priors_resumes_with_those_it_started_with(data, tmp_path):
     """A checkpoint written before ``shift_prior`` and ``class_prior`` existed (a uniform
     shift prior unless masks followed the shifts; the learned class shares) resumes with
     the priors it was started with, not the new default nor what the resume asks for."""
