@@ -11,7 +11,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 #: maximum resolution in Å when ``max_res_A`` is unset (unless the data's Nyquist is coarser)
 DEFAULT_MAX_RES_A = 6.0
@@ -286,6 +286,12 @@ class Class2DConfig:
             v = getattr(self, name)
             need(v is None or (math.isfinite(v) and v > 0), name, "must be > 0 (or unset)")
 
+        def one_of(name: str, choices: object) -> None:
+            """The value must be one of the ``Literal`` type's values."""
+            values = get_args(choices)
+            listed = ", ".join(repr(v) for v in values[:-1]) + f" or {values[-1]!r}"
+            need(getattr(self, name) in values, name, f"must be {listed}")
+
         need(isinstance(self.n_classes, int) and self.n_classes >= 1, "n_classes", "must be >= 1")
         for name in (
             "max_res_A",
@@ -304,16 +310,8 @@ class Class2DConfig:
             "mask_shift_limit_A",
             "must be >= 0 Å (or unset)",
         )
-        need(
-            self.shift_prior in ("gaussian", "uniform"),
-            "shift_prior",
-            "must be 'gaussian' or 'uniform'",
-        )
-        need(
-            self.class_prior in ("learned", "uniform"),
-            "class_prior",
-            "must be 'learned' or 'uniform'",
-        )
+        one_of("shift_prior", ShiftPrior)
+        one_of("class_prior", ClassPrior)
         need(
             not self.masks_follow_shifts or self.shift_prior == "gaussian",
             "masks_follow_shifts",
@@ -344,11 +342,7 @@ class Class2DConfig:
         need(math.isfinite(self.icuf) and self.icuf >= 1, "icuf", "must be >= 1")
         need(self.annealing_start_iteration >= 0, "annealing_start_iteration", "must be >= 0")
         need(self.n_annealing_iterations >= 0, "n_annealing_iterations", "must be >= 0")
-        need(
-            self.ctf_correction in ("full", "flip", "off"),
-            "ctf_correction",
-            "must be 'full', 'flip' or 'off'",
-        )
+        one_of("ctf_correction", CTFMode)
         if self.mask_inner_diameter_A is not None and self.mask_outer_diameter_A is not None:
             need(
                 self.mask_outer_diameter_A >= self.mask_inner_diameter_A,
@@ -375,11 +369,7 @@ class Class2DConfig:
             "full_iteration_every_n_new",
             "must be >= 1 (or unset)",
         )
-        need(
-            self.stream_mode in ("full", "incremental"),
-            "stream_mode",
-            "must be 'full' or 'incremental'",
-        )
+        one_of("stream_mode", StreamMode)
         need(self.full_pass_every_n_updates >= 1, "full_pass_every_n_updates", "must be >= 1")
         return self
 
