@@ -19,15 +19,20 @@ diameter as RELION's, 6 Å or Nyquist; ``--set`` overrides any field) and scores
 beside RELION; ``--reuse-relion`` scores an earlier RELION run in ``DIR/relion``
 again instead of running it; a run that was stopped (or is still running: RELION writes
 every iteration) is scored at the last iteration it finished, with the time of its
-iterations only (from the times RELION wrote its model files; a run continued with
-``relion_refine --continue`` counts the pause in the iteration it was continued from).
+iterations only (from the times RELION wrote its model files). ``--continue-relion``
+continues a stopped run in ``DIR/relion`` from the last iteration it finished (RELION's
+own ``relion_refine --continue``), for a set whose 25 iterations take longer than one
+sitting; it records when the iteration it resumes from had finished and when the
+continuation started (``DIR/relion/continued.json``), so no iteration's time holds the
+pause between sittings (the first one continued holds the time RELION takes to read the
+particles again).
 
 Usage::
 
     python benchmarks/quality.py --map phantom --oracle --out OUT   # writes OUT/sim
     python benchmarks/relion_baseline.py OUT/sim [--out DIR] [--iter 25] [--classes 50]
         [--threads 2] [--subset N] [--compare-ours | --ours-default [--set KEY=VALUE ...]]
-        [--reuse-relion] [--extra "--relion_option value"]
+        [--reuse-relion | --continue-relion] [--extra "--relion_option value"]
 
 Writes ``DIR/relion.json`` (default DIR: the simulation's parent folder) and keeps
 RELION's files in ``DIR/relion/``.
@@ -61,6 +66,64 @@ def model_file_times(prefix: Path, iterations: int) -> list[float]:
     times, for a run finished, stopped or still going."""
     models = [Path(f"{prefix}_it{i:03d}_model.star") for i in range(iterations + 1)]
     return [m.stat().st_mtime for m in models if m.exists()]
+
+
+def iteration_seconds(
+    stamps: list[float], continued: dict[int, tuple[float, float]] | None = None
+) -> list[float]:
+    """Seconds of each RELION iteration 1, 2, ... from its model files' times
+    (:func:`model_file_times`) and the run's continuations (:func:`continuations`).
+
+    RELION rewrites the model file of the iteration it continues from when it resumes,
+    so that iteration ends when its file was first written (recorded before the
+    continuation) and the next one starts when the continuation started: the pause
+    between sittings is in neither.
+    """
+    continued = continued or {}
+    ends = [continued[i][0] if i in continued else t for i, t in enumerate(stamps)]
+    starts = [continued[i][1] if i in continued else t for i, t in enumerate(stamps)]
+    return [round(b - a, 1) for a, b in zip(starts, ends[1:], strict=False)]
+
+
+def continuations(job: Path) -> dict[int, tuple[float, float]]:
+    """The continuations of the run in ``job`` (``job/continued.json``; empty for a run
+    never continued): for the iteration each continued from, when that iteration had
+    finished and when the continuation started (epoch seconds)."""
+    record = job / "continued.json"
+    if not record.exists():
+        return {}
+    return {int(k): tuple(v) for k, v in json.loads(record.read_text()).items()}
+
+
+def continue_relion(job: Path, sim_dir: Path, args) -> None:
+    """Continue the stopped run ``job/run`` from the last iteration it finished (RELION's
+    ``--continue`` with its optimiser file), in the simulation folder as the run started,
+    and record when that iteration had finished and when the continuation started
+    (:func:`continuations`)."""
+    stamps = model_file_times(job / "run", args.iter)
+    reached = len(stamps) - 1
+    if reached < 0:
+        sys.exit(f"no RELION run to continue in {job} (no run_it000_model.star)")
+    if reached >= args.iter:
+        return  # finished: nothing to continue
+    cmd = [
+        "relion_refine",
+        "--continue",
+        str(job / f"run_it{reached:03d}_optimiser.star"),
+        "--o",
+        str((job / "run").resolve()),
+        "--j",
+        str(args.threads),
+    ]
+    print(" ".join(cmd), flush=True)
+    record = continuations(job) | {reached: (stamps[-1], time.time())}
+    tmp = job / "continued.json.tmp"
+    tmp.write_text(json.dumps({str(k): v for k, v in record.items()}))
+    tmp.replace(job / "continued.json")
+    with open(job / "relion.log", "a") as log:
+        done = subprocess.run(cmd, cwd=sim_dir, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode:
+        sys.exit(f"relion_refine --continue failed (exit {done.returncode}); see {job}/relion.log")
 
 
 def relion_command(particles: str, out_prefix: Path, args, diameter_A: float) -> list[str]:
@@ -129,8 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         help="also run and score our default schedule on the same particles",
     )
     add_set_argument(ap, help="our overrides")
-    ap.add_argument(
+    again = ap.add_mutually_exclusive_group()
+    again.add_argument(
         "--reuse-relion", action="store_true", help="score the RELION run already in DIR/relion"
+    )
+    again.add_argument(
+        "--continue-relion",
+        action="store_true",
+        help="continue the stopped RELION run in DIR/relion from its last finished "
+        "iteration, then score it",
     )
     args = ap.parse_args(argv)
 
@@ -159,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     ).stdout.strip()
     print(" ".join(cmd), flush=True)
     t0 = time.perf_counter()
+    if args.continue_relion:
+        continue_relion(job, sim_dir, args)
     finished = (job / f"run_it{args.iter:03d}_model.star").exists()
     earlier = None
     if args.reuse_relion and finished and (out / "relion.json").exists():
@@ -167,9 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             earlier = None  # recorded while the run was unfinished: not its whole time
     if earlier is not None:  # wall time and memory as measured when RELION ran
         wall, peak_mb = earlier["wall_s"], earlier["peak_rss_MB"]
-    elif args.reuse_relion:  # a run stopped, still running or continued: its iterations
+    elif args.reuse_relion or args.continue_relion:  # stopped, running or continued
         wall, peak_mb = None, None
     else:
+        (job / "continued.json").unlink(missing_ok=True)  # a new run: no continuations
         with open(job / "relion.log", "w") as log:
             done = subprocess.run(cmd, cwd=sim_dir, stdout=log, stderr=subprocess.STDOUT)
         wall = time.perf_counter() - t0
@@ -182,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     reached = len(stamps) - 1
     if reached < 1:
         sys.exit(f"no finished RELION iteration in {job}")
-    relion_iteration_s = [round(b - a, 1) for a, b in zip(stamps, stamps[1:], strict=False)]
-    if wall is None:  # iterations 1 to `reached` only (without reading the particles)
-        wall = stamps[-1] - stamps[0]
+    relion_iteration_s = iteration_seconds(stamps, continuations(job))
+    if wall is None:  # iterations 1 to `reached` only, without the pauses between sittings
+        wall = sum(relion_iteration_s)
     ours = _run_ours(Path(particles) if args.subset else sim_dir / particles, out, args, truth)
 
     from napari_class2d.sim.score import score_classification
