@@ -307,9 +307,10 @@ def test_shift_prior_gaussian_or_uniform(data, tmp_path):
         Class2DConfig(shift_prior="laplace").validate()
 
 
-def _split_between_twins(job, share_0: float) -> np.ndarray:
-    """Soft counts of one E-step over every particle after class 1 is made a copy of
-    class 0 whose prior (learned share) is a tenth of class 0's ``share_0``."""
+def _split_between_twins(job, share_0: float, final: bool = False) -> np.ndarray:
+    """Soft counts of one E-step over every particle (one of the ``final`` full
+    iterations or not) after class 1 is made a copy of class 0 whose prior (learned
+    share) is a tenth of class 0's ``share_0``."""
     from napari_class2d.engine.model import ParticleAssignments
 
     m = job.model
@@ -322,9 +323,8 @@ def _split_between_twins(job, share_0: float) -> np.ndarray:
     prior[0], prior[1] = share_0, share_0 / 10
     m.prior = prior / prior.sum()
     idx = np.arange(job.pool.n)
-    stats = m.iterate(
-        job.pool, idx, ParticleAssignments.empty(job.pool.n), 1.0, 1.0, False, False, job.rng
-    )
+    empty = ParticleAssignments.empty(job.pool.n)
+    stats = m.iterate(job.pool, idx, empty, 1.0, 1.0, False, False, job.rng, final=final)
     return stats.counts_soft
 
 
@@ -347,6 +347,33 @@ def test_class_prior_learned_or_uniform(data):
     assert c_uniform[1] / c_uniform[0] == pytest.approx(1.0, abs=0.02)
     with pytest.raises(ConfigError, match="class_prior"):
         Class2DConfig(class_prior="dirichlet").validate()
+
+
+def test_class_prior_learned_then_uniform(data, monkeypatch):
+    """``class_prior="learned_then_uniform"``: the learned shares weigh the classes in
+    the online iterations, and only the fit in the job's final full iterations."""
+    from napari_class2d.engine.model import Class2DModel
+
+    asked = []
+    prior_of = Class2DModel._log_class_prior
+
+    def watched(self, final=False):
+        asked.append(final)
+        return prior_of(self, final)
+
+    monkeypatch.setattr(Class2DModel, "_log_class_prior", watched)
+    job, _ = run(data[0], class_prior="learned_then_uniform", n_final_full_iterations=2)
+    online = BASE["n_online_em_iterations"]
+    assert asked == [False] * online + [True, True]
+    monkeypatch.undo()
+    m = job.model
+    torch.testing.assert_close(m._log_class_prior(), torch.log(m.prior))
+    assert torch.equal(m._log_class_prior(final=True), torch.zeros(m.config.n_classes))
+    assert purity(data[1], job.assignments.best_class) >= 0.85
+    while_forming = _split_between_twins(job, 0.5)
+    at_the_end = _split_between_twins(job, 0.5, final=True)
+    assert while_forming[1] / while_forming[0] == pytest.approx(0.1, abs=0.02)
+    assert at_the_end[1] / at_the_end[0] == pytest.approx(1.0, abs=0.02)
 
 
 def test_inplane_step_sets_the_angular_grid(data):

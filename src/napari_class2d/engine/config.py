@@ -18,7 +18,7 @@ DEFAULT_MAX_RES_A = 6.0
 
 CTFMode = Literal["full", "flip", "off"]
 ShiftPrior = Literal["gaussian", "uniform"]
-ClassPrior = Literal["learned", "uniform"]
+ClassPrior = Literal["learned", "uniform", "learned_then_uniform"]
 StreamMode = Literal["full", "incremental"]
 
 
@@ -152,9 +152,13 @@ class Class2DConfig:
         each iteration, so a particle that fits several classes about equally goes to the
         larger one) or ``"uniform"`` (every class equally likely a priori, so a class is
         chosen by how well it fits, whatever its size: junk that fits a small junk class
-        no worse than a large view class is no longer drawn into the view). The learned
-        shares are still written (``rlnClassDistribution``) and still decide which
-        classes are empty and re-seeded.
+        no worse than a large view class is no longer drawn into the view), or
+        ``"learned_then_uniform"`` (the learned shares while the classes form, in the
+        online iterations and a stream's updates, so a small class such as a rare
+        view's is not filled with junk while it forms; uniform in the final full
+        iterations, which assign every particle for the output). The learned shares are
+        always written (``rlnClassDistribution``) and decide which classes are empty
+        and re-seeded.
     reseed_empty_classes
         Re-seed classes that empty out during the online phase.
     hard_classification_last

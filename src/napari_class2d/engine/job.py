@@ -414,6 +414,7 @@ class Class2DJob:
             hard=hard,
             online=False,
             rng=self.rng,
+            final=final,
         )
         if final:
             self.full_done += 1

@@ -366,11 +366,13 @@ class Class2DModel:
         (at least one working pixel: with ``max_shift_A = 0`` nothing is shifted)."""
         return max((self.params.max_shift_A / self.pixel_size_A / 2.0) ** 2, 1.0)
 
-    def _log_class_prior(self) -> torch.Tensor:
+    def _log_class_prior(self, final: bool = False) -> torch.Tensor:
         """``(K,)`` log prior of each class in the class posteriors: the learned class
         shares (``class_prior="learned"``, RELION's ``pdf_class``) or 0 for every class
-        (``"uniform"``: a class is chosen by its fit alone, whatever its size)."""
-        if self.config.class_prior == "uniform":
+        (``"uniform"``: a class is chosen by its fit alone, whatever its size;
+        ``"learned_then_uniform"``: in the ``final`` full iterations only)."""
+        prior = self.config.class_prior
+        if prior == "uniform" or (prior == "learned_then_uniform" and final):
             return torch.zeros_like(self.prior)
         return torch.log(self.prior.clamp(min=1e-12))
 
@@ -529,12 +531,14 @@ class Class2DModel:
         online: bool,
         rng: np.random.Generator,
         rescale: bool = True,
+        final: bool = False,
     ) -> IterationStats:
         """One EM iteration over the particles at ``indices``; updates ``assignments``.
 
         The new statistics are blended into the running ones with ``step_size``, after
         the running ones are scaled to as many particles as this batch (``rescale``;
         off for an update that adds new particles' statistics to all the others).
+        ``final``: one of the job's final full iterations (see ``class_prior``).
 
         Each particle is searched coarse to fine (:func:`search`). Where its rotation
         posterior is sharp it keeps its best pose in its best classes; where it is broad
@@ -556,7 +560,7 @@ class Class2DModel:
         weight = self._weight()
         w_align = weight * space.align_band
         band = space.align_index  # (positions, not a mask: no GPU sync per chunk)
-        log_prior = self._log_class_prior()
+        log_prior = self._log_class_prior(final)
         shift_penalty = self._shift_penalty(pose_temperature)
         chunk = self._chunk(pool, space)
         n = len(indices)
