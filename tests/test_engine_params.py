@@ -332,7 +332,7 @@ def test_class_prior_learned_or_uniform(data):
     """``class_prior``: with the learned class shares a particle that two classes fit
     equally well goes mostly to the larger one (in proportion to the shares); with a
     uniform prior the two are chosen by their fit alone, so it is shared equally."""
-    learned, _ = run(data[0])
+    learned, _ = run(data[0], class_prior="learned")
     uniform, _ = run(data[0], class_prior="uniform")
     m = uniform.model
     assert torch.equal(m._log_class_prior(), torch.zeros(m.config.n_classes))

@@ -153,12 +153,12 @@ class Class2DConfig:
         larger one) or ``"uniform"`` (every class equally likely a priori, so a class is
         chosen by how well it fits, whatever its size: junk that fits a small junk class
         no worse than a large view class is no longer drawn into the view), or
-        ``"learned_then_uniform"`` (the learned shares while the classes form, in the
-        online iterations and a stream's updates, so a small class such as a rare
-        view's is not filled with junk while it forms; uniform in the final full
-        iterations, which assign every particle for the output). The learned shares are
-        always written (``rlnClassDistribution``) and decide which classes are empty
-        and re-seeded.
+        ``"learned_then_uniform"`` (the default: the learned shares while the classes
+        form, in the online iterations and a stream's updates, so a small class such as
+        a rare view's is not filled with junk while it forms; uniform in the final full
+        iterations, which assign every particle for the output, so junk goes to the
+        class it fits). The learned shares are always written (``rlnClassDistribution``)
+        and decide which classes are empty and re-seeded.
     reseed_empty_classes
         Re-seed classes that empty out during the online phase.
     hard_classification_last
@@ -214,7 +214,7 @@ class Class2DConfig:
     inplane_step_deg: float | None = None
     max_shift_A: float | None = None
     shift_prior: ShiftPrior = "gaussian"
-    class_prior: ClassPrior = "learned"
+    class_prior: ClassPrior = "learned_then_uniform"
     reseed_empty_classes: bool = True
     hard_classification_last: bool = False
     regularisation_factor: float = 2.0
