@@ -117,9 +117,7 @@ def continue_relion(job: Path, sim_dir: Path, args) -> None:
     ]
     print(" ".join(cmd), flush=True)
     record = continuations(job) | {reached: (stamps[-1], time.time())}
-    tmp = job / "continued.json.tmp"
-    tmp.write_text(json.dumps({str(k): v for k, v in record.items()}))
-    tmp.replace(job / "continued.json")
+    write_json(job / "continued.json", {str(k): v for k, v in record.items()})
     with open(job / "relion.log", "a") as log:
         done = subprocess.run(cmd, cwd=sim_dir, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode:
